@@ -1,0 +1,167 @@
+"""The one interface every frozen vision foundation model (VFM) sits behind.
+
+PAE only ever needs three things from its encoder: how to turn an image in [0, 1] into the encoder's
+input (`normalize`), the grid of patch tokens it produces (`features`), and a stable key for caching
+those tokens (`fingerprint`). Keeping that surface small lets a CNN (EfficientNet-Lite, the default
+scale) and Hugging Face ViTs (DINOv2/v3, SigLIP2, MAE, the paper scale) be swapped by a preset alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+VFM_KINDS = ("efficientnet-lite0", "efficientnet-lite2", "dinov2", "dinov3", "siglip2", "mae")
+CNN_KINDS = ("efficientnet-lite0", "efficientnet-lite2")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+
+# Bumped whenever the meaning of `features` changes (token selection, final norm), so cached tokens made
+# by older code are never mistaken for current ones.
+FEATURE_SEMANTICS = "patch-tokens/final-ln-no-affine/v1"
+
+
+class VFMWeightsMissing(FileNotFoundError):
+    """The frozen encoder's weights are not where the spec says; nothing is ever downloaded instead."""
+
+
+@dataclass(frozen=True)
+class VFMSpec:
+    """What a frozen encoder is and how images are prepared for it.
+
+    `grid` is the side of the token grid it yields at `input_size`; `stride` is the feature-map tap of a
+    CNN (ignored by ViTs, whose stride is their patch size); `heads` is the head count the modules that
+    attend over these tokens (DAM, projector) use.
+    """
+
+    kind: str
+    input_size: int
+    dim: int
+    heads: int
+    grid: int
+    path: str | None = None
+    stride: int | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.kind not in VFM_KINDS:
+            raise ValueError(f"VFMSpec.kind must be one of {VFM_KINDS}, got {self.kind!r}")
+        for name in ("input_size", "dim", "heads", "grid"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"VFMSpec.{name} must be a positive int, got {value!r}")
+        if self.input_size % self.grid:
+            raise ValueError(f"VFMSpec.input_size {self.input_size} is not a multiple of grid {self.grid}")
+        if self.dim % self.heads:
+            raise ValueError(f"VFMSpec.dim {self.dim} is not divisible by heads {self.heads}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"VFMSpec.mean/std need 3 values (RGB), got {self.mean!r} / {self.std!r}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"VFMSpec.std must be positive, got {self.std!r}")
+        if self.kind in CNN_KINDS:
+            if self.stride is None:
+                raise ValueError(f"VFMSpec.stride (the feature-map tap) is required for {self.kind}")
+            if self.grid * self.stride != self.input_size:
+                raise ValueError(
+                    f"{self.kind}: grid {self.grid} × stride {self.stride} must equal input_size {self.input_size}"
+                )
+
+    @property
+    def patch(self) -> int:
+        """Input pixels per token side; also the kernel and stride of DAM's pixel patchify."""
+        return self.input_size // self.grid
+
+
+def normalize_image(x01: torch.Tensor, spec: VFMSpec, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Resize to the encoder's input size (bicubic, as PAE does) and standardise with its statistics.
+
+    A free function because PAE's DAM needs the same normalised image even when cached VFM tokens let it
+    skip the VFM itself. `mean`/`std` are 1×3×1×1 tensors already on the right device.
+    """
+    if x01.ndim != 4 or x01.shape[1] != 3:
+        raise ValueError(f"images must be B×3×H×W in [0, 1], got shape {tuple(x01.shape)}")
+    if x01.shape[-2] != spec.input_size or x01.shape[-1] != spec.input_size:
+        x01 = F.interpolate(x01, size=(spec.input_size, spec.input_size), mode="bicubic", align_corners=False)
+    return (x01 - mean) / std
+
+
+def stats_tensor(values: tuple[float, float, float]) -> torch.Tensor:
+    """RGB statistics as a broadcastable 1×3×1×1 float32 tensor."""
+    return torch.tensor(values, dtype=torch.float32).reshape(1, 3, 1, 1)
+
+
+def sha256_files(paths: list[Path]) -> str:
+    """Hash file contents in order, 1 MiB at a time (weights can be gigabytes); names do not count."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.stat().st_size.to_bytes(8, "little"))
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+class FrozenVFM(nn.Module, ABC):
+    """Base class: a pretrained encoder that is always in eval mode and never receives gradients.
+
+    Subclasses load their network in `__init__`, call `_freeze()` again once it is attached (new
+    submodules start in training mode with gradients on), and implement `features` and
+    `_weights_digest` (a hash of the weights they loaded).
+    """
+
+    def __init__(self, spec: VFMSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.register_buffer("mean", stats_tensor(spec.mean), persistent=False)
+        self.register_buffer("std", stats_tensor(spec.std), persistent=False)
+        self._fingerprint: str | None = None
+        self._freeze()
+
+    def _freeze(self) -> None:
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> FrozenVFM:
+        """Ignores `mode`: BatchNorm statistics and dropout of a frozen encoder must never change."""
+        return super().train(False)
+
+    def normalize(self, x01: torch.Tensor) -> torch.Tensor:
+        """B×3×H×W in [0, 1] → B×3×S×S standardised encoder input (S = spec.input_size)."""
+        return normalize_image(x01, self.spec, self.mean, self.std)
+
+    @abstractmethod
+    def features(self, x_norm: torch.Tensor) -> torch.Tensor:
+        """Standardised B×3×S×S input → B×N×D patch tokens in row-major grid order (N = grid²)."""
+
+    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+        return self.features(self.normalize(x01))
+
+    @abstractmethod
+    def _weights_digest(self) -> str:
+        """sha256 of the loaded weights (file bytes)."""
+
+    def fingerprint(self) -> str:
+        """sha256 over the weights and everything that shapes the tokens: the feature-cache key.
+
+        The weights' location and `heads` are left out on purpose: neither changes the tokens, so
+        neither may split the cache.
+        """
+        if self._fingerprint is None:
+            prep = asdict(self.spec)
+            prep.pop("path")
+            prep.pop("heads")  # a choice of the modules downstream; the tokens do not depend on it
+            prep["resize"] = "bicubic/align_corners=False"
+            prep["semantics"] = FEATURE_SEMANTICS
+            payload = json.dumps({"weights": self._weights_digest(), "preprocessing": prep}, sort_keys=True)
+            self._fingerprint = hashlib.sha256(payload.encode()).hexdigest()
+        return self._fingerprint
