@@ -73,6 +73,8 @@ class EfficientNetLiteVFM(FrozenVFM):
             raise ValueError(
                 f"{spec.kind} has {channels} channels at stride {spec.stride}, but spec.dim is {spec.dim}"
             )
+        # Depthwise convolutions run about twice as fast in oneDNN's channels-last layout on CPU.
+        self.net = self.net.to(memory_format=torch.channels_last)
         self._freeze()
 
     def _tap_index(self, stride: int | None) -> int:
@@ -91,7 +93,7 @@ class EfficientNetLiteVFM(FrozenVFM):
         return self.net._swish(self.net._bn0(self.net._conv_stem(x_norm)))
 
     def features(self, x_norm: torch.Tensor) -> torch.Tensor:
-        x = self._stem(x_norm)
+        x = self._stem(x_norm.contiguous(memory_format=torch.channels_last))
         for block in self.net._blocks[: self.tap + 1]:
             x = block(x)
         return x.flatten(2).transpose(1, 2)
