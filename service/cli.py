@@ -1,0 +1,162 @@
+"""Console entry points: `pae-serve` (the API, embedded Redis + worker by default) and `pae-worker`.
+
+Heavy imports (FastAPI app, metrics, runtimes) happen inside the functions: `PROMETHEUS_MULTIPROC_DIR`
+must be set before prometheus_client creates any metric when several uvicorn workers run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from service.settings import Settings, SettingsError
+
+log = logging.getLogger("service")
+
+DEFAULT_MODEL = "fmnist32-tiny"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except SettingsError as exc:
+        sys.exit(f"invalid setting: {exc}")
+
+
+def _has_version(settings: Settings) -> bool:
+    model_dir = settings.model_repository / settings.model_name
+    if settings.model_version is not None:
+        return (model_dir / settings.model_version).is_dir()
+    return model_dir.is_dir() and any(p.is_dir() and p.name.isdigit() for p in model_dir.iterdir())
+
+
+def ensure_default_model(settings: Settings) -> None:
+    """Export the committed default checkpoint on first start (a `pae-export` subprocess), if missing.
+
+    Only the default model is exported automatically; any other missing model is an error, because
+    guessing which checkpoint to export would be wrong.
+    """
+    if _has_version(settings):
+        return
+    if settings.model_name != DEFAULT_MODEL:
+        sys.exit(
+            f"model {settings.model_name!r} is not in {settings.model_repository}; export it with "
+            "pae-export --checkpoint <dir> --repository <repo>"
+        )
+    checkpoint = PROJECT_ROOT / "checkpoints" / DEFAULT_MODEL
+    if not checkpoint.is_dir():
+        sys.exit(f"the default model is not exported and its checkpoint {checkpoint} is missing")
+    exporter = Path(sys.executable).with_name("pae-export")
+    command = [str(exporter) if exporter.is_file() else (shutil.which("pae-export") or "pae-export")]
+    command += ["--checkpoint", str(checkpoint), "--repository", str(settings.model_repository)]
+    log.info("first start: exporting %s into %s", checkpoint, settings.model_repository)
+    result = subprocess.run(command, check=False)
+    if result.returncode != 0:
+        sys.exit(f"exporting the default model failed ({' '.join(command)} exited {result.returncode})")
+
+
+def serve_main(argv: Sequence[str] | None = None) -> None:
+    """`pae-serve`: run the API; with no REDIS_URL also a private redis-server and one worker."""
+    parser = argparse.ArgumentParser(prog="pae-serve", description=serve_main.__doc__)
+    parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (API replicas)")
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be >= 1")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    settings = _settings()
+    ensure_default_model(settings)
+
+    multiproc_dir = None
+    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiproc_dir = tempfile.mkdtemp(prefix="pae-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
+
+    import uvicorn
+
+    from service.embedded import EmbeddedRedis, WorkerThread
+
+    # uvicorn re-raises the SIGTERM it handled once it has shut down; turning that into SystemExit
+    # lets the `finally` below stop the embedded worker and redis-server instead of orphaning them.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    embedded: EmbeddedRedis | None = None
+    worker: WorkerThread | None = None
+    try:
+        if settings.redis_url is None:
+            embedded = EmbeddedRedis()
+            url = embedded.start()
+            os.environ["REDIS_URL"] = url
+            worker = WorkerThread(replace(settings, redis_url=url), url)
+            worker.start()
+            log.info("embedded mode: redis at %s, one in-process worker", url)
+        uvicorn.run(
+            "service.app:create_app",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            log_level=args.log_level,
+        )
+    finally:
+        if worker is not None:
+            worker.stop()
+        if embedded is not None:
+            embedded.stop()
+        if multiproc_dir is not None:
+            shutil.rmtree(multiproc_dir, ignore_errors=True)
+
+
+def worker_main(argv: Sequence[str] | None = None) -> None:
+    """`pae-worker`: load the runtime, warm it up, serve the task streams until SIGTERM."""
+    parser = argparse.ArgumentParser(prog="pae-worker", description=worker_main.__doc__)
+    parser.add_argument("--tasks", default="encode,decode,generate", help="comma-separated tasks to serve")
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    settings = _settings()
+    if settings.redis_url is None:
+        sys.exit("pae-worker needs REDIS_URL (the embedded Redis belongs to pae-serve)")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = sorted(set(tasks) - {"encode", "decode", "generate"})
+    if unknown or not tasks:
+        parser.error(f"--tasks must name encode, decode and/or generate; got {args.tasks!r}")
+
+    from prometheus_client import start_http_server
+
+    from service import metrics
+    from service.repository import resolve_version_dir
+    from service.runtimes import load_runtime
+    from service.worker import Worker
+
+    version_dir = resolve_version_dir(settings.model_repository, settings.model_name, settings.model_version)
+    runtime = load_runtime(settings, version_dir)
+    runtime.warmup({t: settings.max_batch_size[t] for t in tasks})
+    if settings.worker_metrics_port:
+        start_http_server(settings.worker_metrics_port, registry=metrics.registry())
+    worker = Worker(settings, runtime, settings.redis_url, tasks=tasks)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stop)
+        await worker.run()
+
+    asyncio.run(run())
+    log.info("worker %s drained and stopped", worker.worker_id)

@@ -1,0 +1,247 @@
+"""Bytes ↔ arrays at the API boundary: images in, latents in and out, PNGs out.
+
+Everything a client sends is untrusted, so each decoder checks the cheap facts (magic bytes,
+header sizes, shapes, dtypes) before doing the expensive or dangerous work (decompressing pixels,
+allocating arrays), and every failure is a typed 4xx error whose message names the problem.
+
+Image preprocessing, as documented in the OpenAPI schema: EXIF orientation applied; alpha
+composited over black (the default model's backgrounds are black); 16-bit channels scaled to 8
+bits; converted to RGB; the short side resized to the model resolution (Pillow bicubic with
+antialiasing) and the long side centre-cropped.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import warnings
+
+import numpy as np
+from numpy.lib import format as npy_format
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from service.errors import BadInput, PayloadTooLarge, UnsupportedMedia
+
+MIN_IMAGE_SIDE = 8
+"""Smallest accepted image side in pixels: below this an upscale to the model resolution is noise."""
+
+IMAGE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP")
+NPY_MEDIA_TYPE = "application/x-npy"
+LATENT_DTYPE = "float32"
+
+_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
+
+
+def _looks_like_image(data: bytes) -> bool:
+    if data.startswith(_MAGIC):
+        return True
+    return len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+
+
+def decode_image(data: bytes, size: int, max_pixels: int) -> np.ndarray:
+    """Decode a PNG/JPEG/WebP and return the model's input: uint8 3×size×size (RGB, CHW).
+
+    The pixel count is checked from the header before any pixel is decompressed (the
+    decompression-bomb guard); truncated or corrupt data, tiny images and other formats are refused.
+    """
+    if not data:
+        raise BadInput("image is empty (0 bytes)", status=400)
+    if not _looks_like_image(data):
+        raise UnsupportedMedia(
+            f"data is not a PNG, JPEG or WebP image (first bytes {data[:8].hex()}); send one of those formats"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=list(IMAGE_FORMATS))
+    except Image.DecompressionBombError as exc:
+        raise PayloadTooLarge(f"image has too many pixels ({exc}); the limit is {max_pixels}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise BadInput(f"image header is corrupt or truncated: {exc}") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise PayloadTooLarge(
+            f"image is {width}×{height} = {width * height} pixels, over the limit of {max_pixels} "
+            "(MAX_IMAGE_PIXELS)"
+        )
+    if min(width, height) < MIN_IMAGE_SIDE:
+        raise BadInput(f"image is {width}×{height}; both sides must be at least {MIN_IMAGE_SIDE} pixels")
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        rgb = _to_rgb(img)
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise BadInput(f"image data is corrupt or truncated ({img.format}): {exc}") from None
+    return _resize_centre_crop(rgb, size)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, with 16-bit data scaled (Pillow would clip it) and alpha composited over black."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        grey = np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8
+        return Image.fromarray(grey.astype(np.uint8)).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(black, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _resize_centre_crop(img: Image.Image, size: int) -> np.ndarray:
+    width, height = img.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def decode_base64(text: object, what: str) -> bytes:
+    """Strict base64 (standard alphabet, padding required); a data: URL prefix is accepted."""
+    if not isinstance(text, str):
+        raise BadInput(f"{what} must be a base64 string, got {type(text).__name__}")
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadInput(f"{what} is not valid base64: {exc}", status=400) from None
+
+
+def check_latents(array: np.ndarray, latent_shape: tuple[int, ...], max_items: int) -> np.ndarray:
+    """Validate latents and return them as a contiguous little-endian float32 B×d×h×w batch.
+
+    A single d×h×w latent is taken as a batch of one.
+    """
+    if array.dtype != np.float32:
+        raise BadInput(f"latent dtype must be float32, got {array.dtype}")
+    if array.ndim == len(latent_shape):
+        array = array[None]
+    if array.ndim != len(latent_shape) + 1 or tuple(array.shape[1:]) != tuple(latent_shape):
+        expected = "×".join(map(str, latent_shape))
+        raise BadInput(
+            f"latent shape must be {list(latent_shape)} or [B, {', '.join(map(str, latent_shape))}] "
+            f"(B×{expected}), got {list(array.shape)}"
+        )
+    if not 1 <= array.shape[0] <= max_items:
+        raise BadInput(f"a request holds 1 to {max_items} latents (MAX_NUM_IMAGES), got {array.shape[0]}")
+    finite = np.isfinite(array)
+    if not finite.all():
+        bad = int(array.size - np.count_nonzero(finite))
+        raise BadInput(f"latent contains {bad} NaN or Inf value(s); every value must be finite")
+    return np.ascontiguousarray(array, dtype="<f4")
+
+
+def _check_shape_list(shape: object, max_elements: int) -> tuple[int, ...]:
+    if (
+        not isinstance(shape, list)
+        or not shape
+        or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+    ):
+        raise BadInput(f"latent 'shape' must be a non-empty list of integers, got {shape!r}")
+    if any(d < 1 for d in shape):
+        raise BadInput(f"latent 'shape' sizes must be positive, got {shape}")
+    count = int(np.prod(shape, dtype=np.float64))
+    if count > max_elements:
+        raise BadInput(
+            f"latent 'shape' {shape} has {count} elements, more than the {max_elements} a request may hold "
+            "(MAX_NUM_IMAGES latents)"
+        )
+    return tuple(shape)
+
+
+def latents_from_json(payload: object, latent_shape: tuple[int, ...], max_items: int) -> np.ndarray:
+    """Parse `{"shape": [...], "dtype": "float32", "data": base64 little-endian float32}`."""
+    if not isinstance(payload, dict):
+        raise BadInput(
+            f"latent JSON must be an object with shape, dtype and data, got {type(payload).__name__}"
+        )
+    missing = [key for key in ("shape", "dtype", "data") if key not in payload]
+    if missing:
+        raise BadInput(f"latent JSON lacks the field(s) {missing}; expected shape, dtype and data")
+    dtype = payload["dtype"]
+    if dtype not in (LATENT_DTYPE, "<f4"):
+        raise BadInput(f"latent dtype must be 'float32' (little-endian), got {dtype!r}")
+    max_elements = max_items * int(np.prod(latent_shape))
+    shape = _check_shape_list(payload["shape"], max_elements)
+    raw = decode_base64(payload["data"], "latent 'data'")
+    expected = int(np.prod(shape)) * 4
+    if len(raw) != expected:
+        raise BadInput(
+            f"latent 'data' holds {len(raw)} bytes but shape {list(shape)} of float32 needs {expected}"
+        )
+    return check_latents(np.frombuffer(raw, dtype="<f4").reshape(shape), latent_shape, max_items)
+
+
+def latents_from_npy(data: bytes, latent_shape: tuple[int, ...], max_items: int) -> np.ndarray:
+    """Parse a .npy file without pickle; the header is checked before any data is allocated."""
+    stream = io.BytesIO(data)
+    try:
+        major, _minor = npy_format.read_magic(stream)
+        if major == 1:
+            shape, fortran, dtype = npy_format.read_array_header_1_0(stream)
+        elif major in (2, 3):
+            shape, fortran, dtype = npy_format.read_array_header_2_0(stream)
+        else:
+            raise ValueError(f"unsupported .npy format version {major}")
+    except (ValueError, SyntaxError, EOFError) as exc:
+        raise BadInput(f"body is not a valid .npy file: {exc}", status=400) from None
+    if dtype.hasobject:
+        raise BadInput("npy arrays of Python objects are refused (they would need pickle)")
+    if dtype != np.dtype("<f4") and dtype != np.dtype(">f4"):
+        raise BadInput(f"latent dtype must be float32, got {dtype.str} ({dtype})")
+    max_elements = max_items * int(np.prod(latent_shape))
+    shape = _check_shape_list(list(shape), max_elements)
+    expected = int(np.prod(shape)) * 4
+    raw = stream.read()
+    if len(raw) != expected:
+        raise BadInput(
+            f".npy data holds {len(raw)} bytes but shape {list(shape)} of float32 needs {expected}"
+        )
+    array = np.frombuffer(raw, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+    return check_latents(array.astype("<f4"), latent_shape, max_items)
+
+
+def latents_to_json(latents: np.ndarray) -> dict[str, object]:
+    """The JSON latent format: shape, dtype and base64 of the little-endian float32 bytes."""
+    array = np.ascontiguousarray(latents, dtype="<f4")
+    return {
+        "shape": list(array.shape),
+        "dtype": LATENT_DTYPE,
+        "data": base64.b64encode(array.tobytes()).decode("ascii"),
+    }
+
+
+def latents_to_npy(latents: np.ndarray) -> bytes:
+    """A version-1 .npy file of the little-endian float32 latents."""
+    stream = io.BytesIO()
+    npy_format.write_array(stream, np.ascontiguousarray(latents, dtype="<f4"), allow_pickle=False)
+    return stream.getvalue()
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """PNG bytes of one uint8 3×H×W image; fixed settings and no metadata, so equal pixels give equal bytes."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"encode_png takes a uint8 3×H×W array, got {image.dtype} {image.shape}")
+    stream = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0))).save(
+        stream, format="PNG", compress_level=6
+    )
+    return stream.getvalue()
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[0, 1] float images → uint8 with clamping and round-half-to-even (the only quantisation step)."""
+    return np.rint(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def parse_json(body: bytes) -> object:
+    """JSON body → Python object, with a 400 that quotes the parser's position on malformed input."""
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadInput(f"body is not valid JSON: {exc}", status=400) from None

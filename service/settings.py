@@ -1,0 +1,148 @@
+"""Service settings from environment variables, validated once at start.
+
+Every variable of the "Service settings" contract (docs/INTERFACES.md) is read here and nowhere
+else, so a typo or an out-of-range value stops the process at start with a message naming the
+variable, instead of surfacing as a confusing failure under load.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TASKS: tuple[str, ...] = ("encode", "decode", "generate")
+RUNTIMES: tuple[str, ...] = ("onnxruntime", "torch", "tensorrt")
+ORT_PROVIDERS: tuple[str, ...] = ("cpu", "cuda", "tensorrt")
+
+_DEFAULT_MAX_BATCH = {"encode": 16, "decode": 16, "generate": 8}
+_DEFAULT_MAX_WAIT_MS = {"encode": 5, "decode": 5, "generate": 10}
+
+
+class SettingsError(ValueError):
+    """An environment variable is missing a valid value; the message names the variable."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int | None = None) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+    if value < lo or (hi is not None and value > hi):
+        bound = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+        raise SettingsError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, lo: float, hi: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    if not lo < value <= hi:
+        raise SettingsError(f"{name} must be > {lo} and <= {hi}, got {value}")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    value = raw.strip().lower()
+    if value not in choices:
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}; got {raw!r}")
+    return value
+
+
+def _optional(env: Mapping[str, str], name: str) -> str | None:
+    raw = env.get(name)
+    return raw.strip() if raw is not None and raw.strip() else None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The validated configuration of an API replica or a worker (both read the same variables)."""
+
+    redis_url: str | None = None
+    model_repository: Path = Path("model_repository")
+    model_name: str = "fmnist32-tiny"
+    model_version: str | None = None
+    runtime: str = "onnxruntime"
+    ort_provider: str = "cpu"
+    ort_intra_op_threads: int = 0
+    ort_inter_op_threads: int = 1
+    max_batch_size: dict[str, int] = field(default_factory=lambda: dict(_DEFAULT_MAX_BATCH))
+    max_wait_ms: dict[str, int] = field(default_factory=lambda: dict(_DEFAULT_MAX_WAIT_MS))
+    queue_max_len: int = 256
+    request_timeout_s: float = 60.0
+    api_key: str | None = None
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_image_pixels: int = 16_777_216
+    max_num_images: int = 16
+    max_steps: int = 250
+    worker_metrics_port: int = 9100
+    claim_idle_ms: int = 30_000
+    max_deliveries: int = 3
+    redis_pool_size: int = 64
+    redis_pool_timeout_s: float = 5.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate every variable; raise SettingsError naming the first bad one."""
+        env = os.environ if env is None else env
+        max_batch = {
+            task: _int(env, f"MAX_BATCH_SIZE_{task.upper()}", _DEFAULT_MAX_BATCH[task], 1, 1024)
+            for task in TASKS
+        }
+        max_wait = {
+            task: _int(env, f"MAX_WAIT_MS_{task.upper()}", _DEFAULT_MAX_WAIT_MS[task], 0, 10_000)
+            for task in TASKS
+        }
+        redis_url = _optional(env, "REDIS_URL")
+        if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise SettingsError(
+                f"REDIS_URL must start with redis://, rediss:// or unix://, got {redis_url!r}"
+            )
+        model_name = _optional(env, "MODEL_NAME") or "fmnist32-tiny"
+        if "/" in model_name or model_name in (".", ".."):
+            raise SettingsError(f"MODEL_NAME must be a plain folder name, got {model_name!r}")
+        version = _optional(env, "MODEL_VERSION")
+        if version is not None and version.lower() == "latest":
+            version = None
+        if version is not None and not version.isdigit():
+            raise SettingsError(f"MODEL_VERSION must be an integer folder name or 'latest', got {version!r}")
+        pixels = _int(env, "MAX_IMAGE_PIXELS", 16_777_216, 64, 89_478_485)
+        settings = cls(
+            redis_url=redis_url,
+            model_repository=Path(_optional(env, "MODEL_REPOSITORY") or "model_repository"),
+            model_name=model_name,
+            model_version=version,
+            runtime=_choice(env, "RUNTIME", "onnxruntime", RUNTIMES),
+            ort_provider=_choice(env, "ORT_PROVIDER", "cpu", ORT_PROVIDERS),
+            ort_intra_op_threads=_int(env, "ORT_INTRA_OP_THREADS", 0, 0, 1024),
+            ort_inter_op_threads=_int(env, "ORT_INTER_OP_THREADS", 1, 0, 1024),
+            max_batch_size=max_batch,
+            max_wait_ms=max_wait,
+            queue_max_len=_int(env, "QUEUE_MAX_LEN", 256, 1, 10_000_000),
+            request_timeout_s=_float(env, "REQUEST_TIMEOUT_S", 60.0, 0.0, 3600.0),
+            api_key=_optional(env, "API_KEY"),
+            max_body_bytes=_int(env, "MAX_BODY_BYTES", 8 * 1024 * 1024, 1024, 1 << 31),
+            max_image_pixels=pixels,
+            max_num_images=_int(env, "MAX_NUM_IMAGES", 16, 1, 1024),
+            max_steps=_int(env, "MAX_STEPS", 250, 1, 10_000),
+            worker_metrics_port=_int(env, "WORKER_METRICS_PORT", 9100, 0, 65535),
+            claim_idle_ms=_int(env, "CLAIM_IDLE_MS", 30_000, 100, 86_400_000),
+            max_deliveries=_int(env, "MAX_DELIVERIES", 3, 1, 1000),
+            redis_pool_size=_int(env, "REDIS_POOL_SIZE", 64, 4, 10_000),
+            redis_pool_timeout_s=_float(env, "REDIS_POOL_TIMEOUT_S", 5.0, 0.0, 600.0),
+        )
+        if settings.api_key is not None and len(settings.api_key) < 16:
+            raise SettingsError("API_KEY must be at least 16 characters when set")
+        return settings

@@ -1,0 +1,293 @@
+"""The worker: pull batches from the task streams, run the runtime, reply, acknowledge.
+
+One asyncio loop per task reads up to `MAX_BATCH_SIZE_<TASK>` jobs; after the first job arrives it
+waits at most `MAX_WAIT_MS_<TASK>` for the batch to fill (Triton's max queue delay). Before running
+a batch it drops jobs whose deadline has passed or whose request was cancelled, so abandoned work
+is never computed. Compute runs on one thread shared by all tasks (one model, one device; parallel
+batches would only fight for the same cores) while the event loop keeps heartbeats and Redis I/O
+going. Jobs left pending by a dead worker are taken over with XAUTOCLAIM; SIGTERM stops reading,
+finishes and answers what was read, then deregisters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from model.flow import SamplerConfig
+from service import metrics
+from service.broker import BrokerWorker, Job, Keys, Reply, ensure_groups, make_pool, now_ms
+from service.codecs import to_uint8
+from service.runtimes.base import Runtime
+from service.settings import TASKS, Settings
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL_S = 1.0
+HEARTBEAT_TTL_MS = 5_000
+POLL_MS = 250
+
+
+class JobInputError(ValueError):
+    """A job's payload does not fit the model (a bug or a mismatched API); answered with an error."""
+
+
+def _parse(task: str, job: Job, runtime: Runtime) -> np.ndarray | tuple[int, int]:
+    cfg = runtime.config
+    if task == "generate":
+        label, seed = int(job.fields[b"label"]), int(job.fields[b"seed"])
+        if not 0 <= label <= cfg.null_class:
+            raise JobInputError(f"label {label} is outside [0, {cfg.null_class}]")
+        return label, seed
+    data = job.fields.get(b"data", b"")
+    if task == "encode":
+        shape, dtype = (3, cfg.image_size, cfg.image_size), np.uint8
+    else:
+        shape, dtype = cfg.latent_shape, np.dtype("<f4")
+    expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if len(data) != expected:
+        raise JobInputError(f"{task} job holds {len(data)} bytes, the model needs {expected} ({shape})")
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def compute(task: str, jobs: Sequence[Job], runtime: Runtime) -> tuple[list[Reply], float]:
+    """Run one batch (all jobs of one task, generate jobs sharing sampler settings).
+
+    Returns one reply per job and the runtime's own time; a job whose payload cannot be parsed
+    gets an error reply and is left out of the batch. Runtime exceptions propagate.
+    """
+    replies: list[Reply | None] = [None] * len(jobs)
+    parsed, index = [], []
+    for i, job in enumerate(jobs):
+        try:
+            parsed.append(_parse(task, job, runtime))
+            index.append(i)
+        except (JobInputError, KeyError, ValueError) as exc:
+            replies[i] = Reply(job.job_id, ok=False, status=500, error=f"malformed {task} job: {exc}")
+    elapsed = 0.0
+    if parsed:
+        start = time.perf_counter()
+        if task == "encode":
+            images = np.stack(parsed).astype(np.float32) / 255.0
+            out, dtype = runtime.encode(images).astype("<f4"), "float32"
+        elif task == "decode":
+            out, dtype = to_uint8(runtime.decode(np.stack(parsed))), "uint8"
+        else:
+            sampler = SamplerConfig(**json.loads(jobs[index[0]].fields[b"sampler"]))
+            labels = np.array([p[0] for p in parsed], dtype=np.int64)
+            seeds = np.array([p[1] for p in parsed], dtype=np.int64)
+            out, dtype = to_uint8(runtime.generate(labels, seeds, sampler)), "uint8"
+        elapsed = time.perf_counter() - start
+        for k, i in enumerate(index):
+            item = np.ascontiguousarray(out[k])
+            replies[i] = Reply(
+                jobs[i].job_id,
+                ok=True,
+                dtype=dtype,
+                shape=item.shape,
+                data=item.tobytes(),
+                compute_ms=elapsed * 1000,
+            )
+    return [r for r in replies if r is not None], elapsed
+
+
+def group_jobs(task: str, jobs: Sequence[Job]) -> list[list[Job]]:
+    """Batches that may run together: everything for encode/decode; equal sampler settings for generate."""
+    if task != "generate":
+        return [list(jobs)] if jobs else []
+    groups: dict[bytes, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(job.fields.get(b"sampler", b""), []).append(job)
+    return list(groups.values())
+
+
+class Worker:
+    """Serves the task streams of one model version with one runtime."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        runtime: Runtime,
+        redis_url: str,
+        tasks: Sequence[str] = TASKS,
+        worker_id: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.redis_url = redis_url
+        self.tasks = tuple(tasks)
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.keys = Keys.for_model(runtime.config.name, runtime.config.version)
+        self._stopping = threading.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pae-compute")
+        self.started = threading.Event()
+        info = runtime.info()
+        metrics.MODEL_INFO.labels(
+            runtime.config.name, runtime.config.version, str(info.get("runtime")), str(info.get("provider"))
+        ).set(1)
+
+    def stop(self) -> None:
+        """Ask the worker to drain and exit (within one poll interval); safe from any thread or a signal handler."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Serve until stop(): heartbeats plus one batching loop per task."""
+        pool = make_pool(
+            self.redis_url, max_connections=len(self.tasks) + 4, timeout_s=self.settings.redis_pool_timeout_s
+        )
+        redis = Redis(connection_pool=pool)
+        self.broker = BrokerWorker(
+            redis, self.keys, self.worker_id, self.settings.claim_idle_ms, self.settings.max_deliveries
+        )
+        try:
+            await self._until_ok(lambda: ensure_groups(redis, self.keys, self.tasks))
+            heartbeat = asyncio.create_task(self._heartbeat())
+            await self._until_ok(self._beat)
+            self.started.set()
+            log.info("worker %s serving %s for %s", self.worker_id, ",".join(self.tasks), self.keys.prefix)
+            await asyncio.gather(*(self._task_loop(task) for task in self.tasks))
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+            try:
+                await self.broker.deregister(self.worker_id)
+            except (RedisError, OSError) as exc:
+                log.warning("could not deregister worker %s: %s", self.worker_id, exc)
+        finally:
+            self._executor.shutdown(wait=True)
+            await redis.aclose()
+            await pool.disconnect()
+
+    async def _until_ok(self, action) -> None:
+        backoff = 0.1
+        while not self._stopping.is_set():
+            try:
+                await action()
+                return
+            except (RedisError, OSError) as exc:
+                log.warning("worker %s: Redis not reachable (%s); retrying", self.worker_id, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    def _info(self) -> dict[str, object]:
+        return {
+            "id": self.worker_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "tasks": list(self.tasks),
+            "max_batch_size": {t: self.settings.max_batch_size[t] for t in self.tasks},
+            **self.runtime.info(),
+        }
+
+    async def _beat(self) -> None:
+        await self.broker.heartbeat(self.worker_id, self._info(), HEARTBEAT_TTL_MS)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+            try:
+                await self._beat()
+            except (RedisError, OSError) as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    async def _task_loop(self, task: str) -> None:
+        max_batch = self.settings.max_batch_size[task]
+        claim_every = min(self.settings.claim_idle_ms / 2000, 1.0)
+        next_claim = 0.0
+        backoff = 0.1
+        while not self._stopping.is_set():
+            try:
+                jobs: list[Job] = []
+                if time.monotonic() >= next_claim:
+                    next_claim = time.monotonic() + claim_every
+                    claimed, dead = await self.broker.reclaim(task, max_batch)
+                    metrics.RECLAIMED.labels(task).inc(len(claimed))
+                    metrics.DEAD_LETTERED.labels(task).inc(len(dead))
+                    jobs.extend(claimed)
+                if len(jobs) < max_batch:
+                    jobs.extend(
+                        await self.broker.read(task, max_batch - len(jobs), None if jobs else POLL_MS)
+                    )
+                if jobs:
+                    await self._fill(task, jobs, max_batch)
+                metrics.QUEUE_DEPTH.labels(task).set(await self.broker.depth(task))
+                if jobs:
+                    await self._process(task, jobs)
+                backoff = 0.1
+            except (RedisError, OSError) as exc:
+                log.warning("worker %s, %s loop: Redis error %s; retrying", self.worker_id, task, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                if "NOGROUP" in str(exc):  # Redis restarted empty: recreate the stream and its group
+                    await self._until_ok(lambda: ensure_groups(self.broker.redis, self.keys, [task]))
+            except Exception:
+                # Jobs in hand stay pending: they are reclaimed, and dead-lettered if they keep failing.
+                log.exception("worker %s, %s loop: unexpected error; continuing", self.worker_id, task)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    async def _fill(self, task: str, jobs: list[Job], max_batch: int) -> None:
+        """Wait up to MAX_WAIT_MS after the first job for more, so batches form under load."""
+        end = time.monotonic() + self.settings.max_wait_ms[task] / 1000
+        while len(jobs) < max_batch:
+            remaining = int((end - time.monotonic()) * 1000)
+            if remaining <= 0:
+                return
+            more = await self.broker.read(task, max_batch - len(jobs), remaining)
+            if not more:
+                return
+            jobs.extend(more)
+
+    async def _process(self, task: str, jobs: list[Job]) -> None:
+        now = now_ms()
+        expired = [j for j in jobs if j.deadline_ms <= now]
+        live = [j for j in jobs if j.deadline_ms > now]
+        gone = await self.broker.cancelled(live)
+        cancelled = [j for j in live if j.request_id in gone]
+        live = [j for j in live if j.request_id not in gone]
+        if expired or cancelled:
+            await self.broker.drop(task, expired + cancelled)
+            metrics.EXPIRED.labels(task).inc(len(expired))
+            metrics.CANCELLED.labels(task).inc(len(cancelled))
+        for group in group_jobs(task, live):
+            await self._run_group(task, group)
+
+    async def _run_group(self, task: str, jobs: list[Job]) -> None:
+        start = now_ms()
+        for job in jobs:
+            metrics.QUEUE_WAIT.labels(task).observe(max(start - job.enqueued_ms, 0) / 1000)
+        replies = await self._compute_isolating(task, jobs)
+        for job, reply in zip(jobs, replies, strict=True):
+            reply.queue_ms = float(max(start - job.enqueued_ms, 0))
+        await self.broker.answer(task, jobs, replies)
+
+    async def _compute_isolating(self, task: str, jobs: list[Job]) -> list[Reply]:
+        """Run the batch; if it fails, run each job alone so one bad job fails alone."""
+        loop = asyncio.get_running_loop()
+        try:
+            replies, elapsed = await loop.run_in_executor(self._executor, compute, task, jobs, self.runtime)
+        except Exception as exc:
+            if len(jobs) == 1:
+                log.exception("%s job %s failed", task, jobs[0].job_id)
+                return [
+                    Reply(jobs[0].job_id, ok=False, status=500, error=f"{task} failed in the worker: {exc}")
+                ]
+            log.warning("%s batch of %d failed (%s); retrying each job alone", task, len(jobs), exc)
+            out = []
+            for job in jobs:
+                out.extend(await self._compute_isolating(task, [job]))
+            return out
+        metrics.COMPUTE.labels(task).observe(elapsed)
+        metrics.BATCH_SIZE.labels(task).observe(len(jobs))
+        return replies

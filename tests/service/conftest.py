@@ -1,0 +1,147 @@
+"""Fixtures: a real redis-server per module, the tiny model repository, and live API servers.
+
+Everything is real: redis-server processes, uvicorn serving the app over TCP, workers running the
+ONNX Runtime backend on exported graphs. Prometheus metrics are process-global, so tests compare
+values before and after their own traffic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+import torch
+import uvicorn
+from prometheus_client import REGISTRY
+
+from service.app import create_app
+from service.embedded import EmbeddedRedis, WorkerThread, free_port
+from service.settings import Settings
+from tests.service.tiny_repo import build_tiny_repository
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_repository(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model repository, exported once and reused (through pytest's cache) while tiny_repo.py
+    and torch are unchanged; without the cache plugin it is exported into a temporary folder."""
+    source = Path(__file__).with_name("tiny_repo.py").read_bytes()
+    key = hashlib.sha256(source + torch.__version__.encode()).hexdigest()[:16]
+    cache = getattr(request.config, "cache", None)
+    if cache is None:
+        return build_tiny_repository(tmp_path_factory.mktemp("tiny-repo")).parents[1]
+    root = Path(cache.mkdir(f"pae-service-tiny-{key}"))
+    if not (root / "tiny" / "1" / "manifest.json").is_file():
+        staging = root.with_name(root.name + ".staging")
+        shutil.rmtree(staging, ignore_errors=True)
+        build_tiny_repository(staging)
+        shutil.rmtree(root)
+        staging.rename(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    """A real redis-server on a free port for this test module, stopped afterwards."""
+    server = EmbeddedRedis()
+    url = server.start()
+    yield url
+    server.stop()
+
+
+@pytest.fixture
+def clean_redis(redis_url: str) -> str:
+    client = redis.Redis.from_url(redis_url)
+    client.flushall()
+    client.close()
+    return redis_url
+
+
+def make_settings(repository: Path, redis_url: str | None, **overrides: object) -> Settings:
+    base = Settings(
+        redis_url=redis_url,
+        model_repository=repository,
+        model_name="tiny",
+        ort_intra_op_threads=1,
+        max_batch_size={"encode": 8, "decode": 8, "generate": 8},
+        max_wait_ms={"encode": 2, "decode": 2, "generate": 20},
+        queue_max_len=64,
+        request_timeout_s=20.0,
+        max_num_images=8,
+        max_steps=50,
+        max_body_bytes=1 << 20,
+        claim_idle_ms=1000,
+        max_deliveries=3,
+        worker_metrics_port=0,
+    )
+    return replace(base, **overrides)
+
+
+class LiveServer:
+    """uvicorn serving an app on a free port in a background thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            create_app(settings), host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture
+def live(tiny_repository: Path, clean_redis: str):
+    """Factory: start an API server (and optionally an embedded worker) with settings overrides."""
+    started: list[object] = []
+
+    def start(worker: bool = True, **overrides: object) -> tuple[LiveServer, WorkerThread | None]:
+        settings = make_settings(tiny_repository, clean_redis, **overrides)
+        thread = None
+        if worker:
+            thread = WorkerThread(settings, clean_redis)
+            thread.start()
+            started.append(thread)
+        server = LiveServer(settings).__enter__()
+        started.append(server)
+        return server, thread
+
+    yield start
+    for item in reversed(started):
+        if isinstance(item, LiveServer):
+            item.__exit__(None, None, None)
+        else:
+            item.stop()
+
+
+def sample(name: str, labels: dict[str, str] | None = None) -> float:
+    """Current value of a metric sample in this process (0 when it has not been created yet)."""
+    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
+def client(server: LiveServer, **kwargs: object) -> httpx.Client:
+    return httpx.Client(base_url=server.url, timeout=kwargs.pop("timeout", 30.0), **kwargs)

@@ -1,0 +1,273 @@
+"""Broker and worker semantics on a real redis-server with the real ONNX Runtime backend."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from redis.asyncio import Redis
+
+from model.flow import SamplerConfig
+from service.broker import GROUP, BrokerClient, BrokerWorker, Keys, now_ms
+from service.codecs import to_uint8
+from service.errors import DeadlineExceeded, JobFailed, QueueFull
+from service.runtimes.onnxruntime import OnnxRuntime
+from service.settings import TASKS
+from service.worker import Worker, group_jobs
+from tests.service.conftest import make_settings, sample
+
+KEYS = Keys.for_model("tiny", "1")
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_repository: Path) -> OnnxRuntime:
+    return OnnxRuntime(tiny_repository / "tiny" / "1", intra_op_threads=1)
+
+
+def latent_payload(seed: int) -> dict[str, bytes]:
+    z = np.random.default_rng(seed).standard_normal((4, 4, 4)).astype("<f4")
+    return {"data": z.tobytes()}
+
+
+def sampler_key(**fields: object) -> str:
+    base = {"sampler": "euler", "steps": 3, "shift": 1.0, "cfg_scale": 2.0, "cfg_interval": [0.0, 1.0]}
+    return json.dumps({**base, **fields}, sort_keys=True, separators=(",", ":"))
+
+
+class Harness:
+    """A BrokerClient and, on demand, a real Worker, sharing one event loop and Redis."""
+
+    def __init__(self, url: str, repository: Path, runtime: OnnxRuntime, **settings: object) -> None:
+        self.url = url
+        self.settings = make_settings(repository, url, **settings)
+        self.runtime = runtime
+        self.redis = Redis.from_url(url)
+        self.client = BrokerClient(self.redis, KEYS, self.settings.queue_max_len)
+        self.worker: Worker | None = None
+        self.worker_task: asyncio.Task | None = None
+
+    async def __aenter__(self) -> Harness:
+        await self.client.start(TASKS)
+        return self
+
+    async def start_worker(self) -> Worker:
+        self.worker = Worker(self.settings, self.runtime, self.url)
+        self.worker_task = asyncio.create_task(self.worker.run())
+        while not self.worker.started.is_set():
+            await asyncio.sleep(0.01)
+        return self.worker
+
+    async def queued(self, task: str, count: int, timeout: float = 10.0) -> None:
+        """Wait until `count` jobs of `task` are in the stream (an enqueue running in a task landed)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while await self.redis.xlen(KEYS.jobs(task)) != count:
+            assert asyncio.get_running_loop().time() < deadline, "the jobs were never enqueued"
+            await asyncio.sleep(0.01)
+
+    async def drained(self, task: str, timeout: float = 10.0) -> None:
+        """Wait until the task's stream holds no job (all run, dropped or dead-lettered)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while await self.redis.xlen(KEYS.jobs(task)):
+            assert asyncio.get_running_loop().time() < deadline, "jobs were never taken off the queue"
+            await asyncio.sleep(0.02)
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+            await self.worker_task
+        await self.client.close()
+        await self.redis.aclose()
+
+
+def test_bounded_enqueue_is_atomic(clean_redis: str, tiny_repository: Path, runtime: OnnxRuntime) -> None:
+    async def scenario() -> None:
+        async with Harness(clean_redis, tiny_repository, runtime, queue_max_len=5) as h:
+            soon = now_ms() + 400
+            held = asyncio.create_task(h.client.submit("decode", [latent_payload(0)] * 3, soon))
+            await h.queued("decode", 3)
+            with pytest.raises(QueueFull, match="queue is full"):
+                await h.client.submit("decode", [latent_payload(1)] * 3, soon)
+            assert await h.redis.xlen(KEYS.jobs("decode")) == 3  # all-or-nothing: none of the 3 added
+            outcomes = await asyncio.gather(
+                *(h.client.submit("encode", [{"data": b"x"}], soon) for _ in range(20)),
+                return_exceptions=True,
+            )
+            assert sum(isinstance(o, QueueFull) for o in outcomes) == 15
+            assert sum(isinstance(o, DeadlineExceeded) for o in outcomes) == 5
+            with pytest.raises(DeadlineExceeded):
+                await held
+
+    asyncio.run(scenario())
+
+
+def test_expired_jobs_are_dropped_unrun_and_counted(
+    clean_redis: str, tiny_repository: Path, runtime: OnnxRuntime
+) -> None:
+    expired = sample("pae_jobs_expired_total", {"task": "decode"})
+    batches = sample("pae_batch_size_count", {"task": "decode"})
+
+    async def scenario() -> None:
+        async with Harness(clean_redis, tiny_repository, runtime) as h:
+            with pytest.raises(DeadlineExceeded):
+                await h.client.submit("decode", [latent_payload(i) for i in range(3)], now_ms() + 150)
+            assert await h.redis.xlen(KEYS.jobs("decode")) == 3
+            await h.start_worker()
+            await h.drained("decode")
+
+    asyncio.run(scenario())
+    assert sample("pae_jobs_expired_total", {"task": "decode"}) - expired == 3
+    assert sample("pae_batch_size_count", {"task": "decode"}) == batches  # never run
+
+
+def test_cancelled_jobs_are_dropped(clean_redis: str, tiny_repository: Path, runtime: OnnxRuntime) -> None:
+    cancelled = sample("pae_jobs_cancelled_total", {"task": "generate"})
+    batches = sample("pae_batch_size_count", {"task": "generate"})
+
+    async def scenario() -> None:
+        async with Harness(clean_redis, tiny_repository, runtime) as h:
+            payload = {"label": "1", "seed": "5", "sampler": sampler_key()}
+            waiting = asyncio.create_task(h.client.submit("generate", [payload] * 2, now_ms() + 30_000))
+            await h.queued("generate", 2)
+            waiting.cancel()  # what the API does when the client disconnects
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            assert h.client.waiting == 0
+            await h.start_worker()
+            await h.drained("generate")
+
+    asyncio.run(scenario())
+    assert sample("pae_jobs_cancelled_total", {"task": "generate"}) - cancelled == 2
+    assert sample("pae_batch_size_count", {"task": "generate"}) == batches
+
+
+def test_dead_consumers_jobs_are_reclaimed(
+    clean_redis: str, tiny_repository: Path, runtime: OnnxRuntime
+) -> None:
+    reclaimed = sample("pae_jobs_reclaimed_total", {"task": "decode"})
+    payloads = [latent_payload(i) for i in range(2)]
+
+    async def scenario() -> None:
+        async with Harness(clean_redis, tiny_repository, runtime, claim_idle_ms=300) as h:
+            waiting = asyncio.create_task(h.client.submit("decode", payloads, now_ms() + 20_000))
+            await h.queued("decode", 2)
+            dead = BrokerWorker(h.redis, KEYS, "consumer-that-dies", 300, 3)
+            assert len(await dead.read("decode", 10, None)) == 2  # taken, never answered
+            await h.start_worker()
+            replies = await asyncio.wait_for(waiting, 10)
+            for payload, reply in zip(payloads, replies, strict=True):
+                z = np.frombuffer(payload["data"], "<f4").reshape(1, 4, 4, 4)
+                assert reply.data == to_uint8(runtime.decode(z))[0].tobytes()
+            pending = await h.redis.xpending(KEYS.jobs("decode"), GROUP)
+            assert pending["pending"] == 0
+
+    asyncio.run(scenario())
+    assert sample("pae_jobs_reclaimed_total", {"task": "decode"}) - reclaimed == 2
+
+
+def test_poison_job_is_dead_lettered_with_an_error_reply(
+    clean_redis: str, tiny_repository: Path, runtime: OnnxRuntime
+) -> None:
+    dead_lettered = sample("pae_jobs_dead_lettered_total", {"task": "encode"})
+
+    async def scenario() -> None:
+        async with Harness(clean_redis, tiny_repository, runtime, claim_idle_ms=200, max_deliveries=2) as h:
+            payload = {"data": np.zeros((3, 16, 16), np.uint8).tobytes()}
+            waiting = asyncio.create_task(h.client.submit("encode", [payload], now_ms() + 20_000))
+            await h.queued("encode", 1)
+            first = BrokerWorker(h.redis, KEYS, "dies-first", 200, 2)
+            assert len(await first.read("encode", 1, None)) == 1  # delivery 1
+            await asyncio.sleep(0.25)
+            second = BrokerWorker(h.redis, KEYS, "dies-second", 200, 2)
+            claimed, dead = await second.reclaim("encode", 4)  # delivery 2, still allowed
+            assert [j.deliveries for j in claimed] == [2] and dead == []
+            await asyncio.sleep(0.25)
+            await h.start_worker()  # delivery 3 > MAX_DELIVERIES=2
+            with pytest.raises(JobFailed, match="delivered 3 times") as info:
+                await asyncio.wait_for(waiting, 10)
+            assert info.value.status == 500
+            letters = await h.redis.xrange(KEYS.dead("encode"))
+            assert len(letters) == 1 and b"MAX_DELIVERIES=2" in letters[0][1][b"reason"]
+            await h.drained("encode")
+
+    asyncio.run(scenario())
+    assert sample("pae_jobs_dead_lettered_total", {"task": "encode"}) - dead_lettered == 1
+
+
+def test_generate_batches_only_matching_sampler_settings(
+    clean_redis: str, tiny_repository: Path, runtime: OnnxRuntime
+) -> None:
+    count = sample("pae_batch_size_count", {"task": "generate"})
+    total = sample("pae_batch_size_sum", {"task": "generate"})
+    key_a, key_b = sampler_key(), sampler_key(steps=4, sampler="heun")
+
+    async def scenario() -> None:
+        async with Harness(clean_redis, tiny_repository, runtime) as h:
+            jobs_a = [{"label": "0", "seed": str(s), "sampler": key_a} for s in (1, 2, 3)]
+            jobs_b = [{"label": "2", "seed": str(s), "sampler": key_b} for s in (1, 2)]
+            deadline = now_ms() + 20_000
+            a = asyncio.create_task(h.client.submit("generate", jobs_a, deadline))
+            b = asyncio.create_task(h.client.submit("generate", jobs_b, deadline))
+            await h.queued("generate", 5)
+            await h.start_worker()
+            replies_a, replies_b = await asyncio.wait_for(asyncio.gather(a, b), 20)
+        for replies, key, label in ((replies_a, key_a, 0), (replies_b, key_b, 2)):
+            cfg = SamplerConfig(**json.loads(key))
+            for seed, reply in enumerate(replies, start=1):
+                alone = to_uint8(runtime.generate(np.array([label]), np.array([seed]), cfg))[0]
+                assert reply.data == alone.tobytes()
+
+    asyncio.run(scenario())
+    assert sample("pae_batch_size_count", {"task": "generate"}) - count == 2  # one batch per setting
+    assert sample("pae_batch_size_sum", {"task": "generate"}) - total == 5
+
+
+def test_a_malformed_job_fails_alone(clean_redis: str, tiny_repository: Path, runtime: OnnxRuntime) -> None:
+    async def scenario() -> None:
+        async with Harness(clean_redis, tiny_repository, runtime) as h:
+            deadline = now_ms() + 20_000
+            good = asyncio.create_task(h.client.submit("decode", [latent_payload(1)], deadline))
+            bad = asyncio.create_task(h.client.submit("decode", [{"data": b"\x00" * 12}], deadline))
+            await h.queued("decode", 2)
+            await h.start_worker()
+            assert len((await asyncio.wait_for(good, 10))[0].data) == 3 * 16 * 16
+            with pytest.raises(JobFailed, match="holds 12 bytes"):
+                await asyncio.wait_for(bad, 10)
+
+    asyncio.run(scenario())
+
+
+def test_heartbeat_and_deregistration(clean_redis: str, tiny_repository: Path, runtime: OnnxRuntime) -> None:
+    async def scenario() -> None:
+        async with Harness(clean_redis, tiny_repository, runtime) as h:
+            worker = await h.start_worker()
+            alive = await h.client.alive_workers(5000)
+            assert [w["id"] for w in alive] == [worker.worker_id]
+            assert alive[0]["runtime"] == "onnxruntime" and alive[0]["provider"] == "cpu"
+            worker.stop()
+            await h.worker_task
+            h.worker = None
+            assert await h.client.alive_workers(5000) == []
+
+    asyncio.run(scenario())
+
+
+def test_group_jobs_splits_generate_by_settings() -> None:
+    from service.broker import Job
+
+    def job(i: int, key: str) -> Job:
+        fields = {
+            b"id": f"r.{i}".encode(),
+            b"rid": b"r",
+            b"reply": b"k",
+            b"deadline": b"0",
+            b"enq": b"0",
+            b"sampler": key.encode(),
+        }
+        return Job.from_entry("generate", f"{i}-0".encode(), fields)
+
+    jobs = [job(0, "a"), job(1, "b"), job(2, "a")]
+    assert [[j.job_id for j in g] for g in group_jobs("generate", jobs)] == [["r.0", "r.2"], ["r.1"]]
+    assert len(group_jobs("decode", jobs)) == 1 and group_jobs("decode", []) == []

@@ -1,0 +1,70 @@
+"""`pae-serve` in its embedded default: no REDIS_URL ⇒ a private redis-server and one in-process worker."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from service.cli import ensure_default_model
+from service.embedded import free_port
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_embedded_serve_is_ready_and_cleans_up(tiny_repository: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env.update(
+        {
+            "MODEL_REPOSITORY": str(tiny_repository),
+            "MODEL_NAME": "tiny",
+            "OMP_NUM_THREADS": "1",
+            "ORT_INTRA_OP_THREADS": "1",
+        }
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from service.cli import serve_main; serve_main()", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    start = time.monotonic()
+    try:
+        while True:
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() - start < 60, "not ready within 60 s"
+            time.sleep(0.1)
+        made = httpx.post(
+            f"http://127.0.0.1:{port}/v1/generate", json={"class_label": "stripe", "seed": 1}, timeout=30
+        )
+        assert made.status_code == 200 and made.json()["images"][0]["class_name"] == "stripe"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, log = proc.communicate(timeout=20)
+    assert proc.returncode == 0, log[-2000:]
+    url = re.search(r"embedded mode: redis at (\S+)", log).group(1)
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(url, socket_connect_timeout=0.5).ping()  # the private Redis is gone
+
+
+def test_a_missing_non_default_model_is_an_error(tmp_path: Path) -> None:
+    settings = Settings(model_repository=tmp_path, model_name="elsewhere")
+    with pytest.raises(SystemExit, match="not in"):
+        ensure_default_model(settings)

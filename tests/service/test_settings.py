@@ -1,0 +1,68 @@
+from pathlib import Path
+
+import pytest
+
+from service.settings import Settings, SettingsError
+
+
+def test_defaults_follow_the_contract() -> None:
+    s = Settings.from_env({})
+    assert s.redis_url is None
+    assert s.model_repository == Path("model_repository")
+    assert s.model_name == "fmnist32-tiny"
+    assert s.model_version is None
+    assert (s.runtime, s.ort_provider) == ("onnxruntime", "cpu")
+    assert s.worker_metrics_port == 9100
+    assert set(s.max_batch_size) == set(s.max_wait_ms) == {"encode", "decode", "generate"}
+
+
+def test_every_variable_is_read() -> None:
+    env = {
+        "REDIS_URL": "redis://r:6379/1",
+        "MODEL_REPOSITORY": "/models",
+        "MODEL_NAME": "m",
+        "MODEL_VERSION": "3",
+        "RUNTIME": "torch",
+        "ORT_PROVIDER": "CUDA",
+        "MAX_BATCH_SIZE_GENERATE": "4",
+        "MAX_WAIT_MS_ENCODE": "0",
+        "QUEUE_MAX_LEN": "10",
+        "REQUEST_TIMEOUT_S": "2.5",
+        "API_KEY": "k" * 20,
+        "MAX_BODY_BYTES": "2048",
+        "MAX_IMAGE_PIXELS": "1000",
+        "MAX_NUM_IMAGES": "2",
+        "MAX_STEPS": "7",
+        "WORKER_METRICS_PORT": "0",
+        "CLAIM_IDLE_MS": "500",
+        "MAX_DELIVERIES": "5",
+    }
+    s = Settings.from_env(env)
+    assert s.redis_url == "redis://r:6379/1" and s.model_repository == Path("/models")
+    assert (s.model_name, s.model_version, s.runtime, s.ort_provider) == ("m", "3", "torch", "cuda")
+    assert s.max_batch_size["generate"] == 4 and s.max_wait_ms["encode"] == 0
+    assert (s.queue_max_len, s.request_timeout_s, s.api_key) == (10, 2.5, "k" * 20)
+    assert (s.max_body_bytes, s.max_image_pixels, s.max_num_images, s.max_steps) == (2048, 1000, 2, 7)
+    assert (s.worker_metrics_port, s.claim_idle_ms, s.max_deliveries) == (0, 500, 5)
+    assert Settings.from_env({"MODEL_VERSION": "latest"}).model_version is None
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"MAX_BATCH_SIZE_GENERATE": "0"}, "MAX_BATCH_SIZE_GENERATE"),
+        ({"MAX_WAIT_MS_DECODE": "soon"}, "MAX_WAIT_MS_DECODE"),
+        ({"RUNTIME": "jax"}, "RUNTIME"),
+        ({"ORT_PROVIDER": "rocm"}, "ORT_PROVIDER"),
+        ({"REQUEST_TIMEOUT_S": "0"}, "REQUEST_TIMEOUT_S"),
+        ({"REDIS_URL": "localhost:6379"}, "REDIS_URL"),
+        ({"MODEL_VERSION": "v2"}, "MODEL_VERSION"),
+        ({"MODEL_NAME": "../etc"}, "MODEL_NAME"),
+        ({"API_KEY": "short"}, "API_KEY"),
+        ({"MAX_IMAGE_PIXELS": "999999999"}, "MAX_IMAGE_PIXELS"),
+        ({"QUEUE_MAX_LEN": "-1"}, "QUEUE_MAX_LEN"),
+    ],
+)
+def test_bad_values_name_the_variable(env: dict[str, str], named: str) -> None:
+    with pytest.raises(SettingsError, match=named):
+        Settings.from_env(env)

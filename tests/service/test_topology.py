@@ -1,0 +1,217 @@
+"""Production topology with real processes: 2 API replicas (pae-serve) + 2 workers (pae-worker) on one
+redis-server. 200 mixed concurrent requests are all answered, each with its own correct result,
+while one worker is SIGKILLed in the middle of a batch and the other takes over its jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import redis
+from PIL import Image
+
+from model.flow import SamplerConfig
+from service.broker import GROUP, Keys
+from service.codecs import decode_image, to_uint8
+from service.embedded import free_port
+from service.runtimes.onnxruntime import OnnxRuntime
+from tests.service.payloads import image_bytes, latent_json
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 60
+REQUESTS = 200
+
+
+def spawn(code: str, env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def metric_total(text: str, name: str, task: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and f'task="{task}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def pixels(png_b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(png_b64))).convert("RGB")).transpose(2, 0, 1)
+
+
+def test_two_replicas_two_workers_survive_a_killed_worker(tiny_repository: Path, clean_redis: str) -> None:
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "REDIS_URL": clean_redis,
+        "MODEL_REPOSITORY": str(tiny_repository),
+        "MODEL_NAME": "tiny",
+        "ORT_INTRA_OP_THREADS": "1",
+        "QUEUE_MAX_LEN": "2000",
+        "REQUEST_TIMEOUT_S": "60",
+        "MAX_STEPS": str(STEPS),
+        "MAX_WAIT_MS_GENERATE": "20",
+        "MAX_WAIT_MS_ENCODE": "10",
+        "MAX_WAIT_MS_DECODE": "10",
+        "CLAIM_IDLE_MS": "1500",
+    }
+    api_ports = [free_port(), free_port()]
+    metric_ports = [free_port(), free_port()]
+    processes = [
+        spawn(
+            "from service.cli import serve_main; serve_main()",
+            env,
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        )
+        for port in api_ports
+    ]
+    workers = [
+        spawn(
+            "from service.cli import worker_main; worker_main()",
+            {**env, "WORKER_METRICS_PORT": str(port)},
+            "--log-level",
+            "warning",
+        )
+        for port in metric_ports
+    ]
+    processes += workers
+    runtime = OnnxRuntime(tiny_repository / "tiny" / "1", intra_op_threads=1)
+    try:
+        _wait_ready(api_ports, processes)
+        asyncio.run(_traffic(api_ports, workers, clean_redis, runtime))
+        batches = [httpx.get(f"http://127.0.0.1:{metric_ports[1]}/metrics").text]
+        survivor_reclaimed = metric_total(batches[0], "pae_jobs_reclaimed_total", "generate")
+        assert survivor_reclaimed >= 1, "the surviving worker reclaimed none of the killed worker's jobs"
+        sizes = {
+            task: (
+                metric_total(batches[0], "pae_batch_size_sum", task),
+                metric_total(batches[0], "pae_batch_size_count", task),
+            )
+            for task in ("encode", "decode", "generate")
+        }
+        assert any(total > count > 0 for total, count in sizes.values()), f"no batch larger than 1: {sizes}"
+    finally:
+        for proc in processes:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in processes:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_ready(api_ports: list[int], processes: list[subprocess.Popen[bytes]]) -> None:
+    deadline = time.monotonic() + 90
+    while True:
+        for proc in processes:
+            if proc.poll() is not None:
+                raise AssertionError(f"a process exited early: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            states = [httpx.get(f"http://127.0.0.1:{p}/v1/models", timeout=2).json() for p in api_ports]
+            if all(s["models"][0]["ready"] and len(s["models"][0]["workers"]) == 2 for s in states):
+                return
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass
+        assert time.monotonic() < deadline, "the topology did not become ready"
+        time.sleep(0.2)
+
+
+async def _traffic(
+    api_ports: list[int], workers: list[subprocess.Popen[bytes]], url: str, runtime: OnnxRuntime
+) -> None:
+    rng = random.Random(0)
+    kinds = [("encode", "decode", "generate")[i % 3] for i in range(REQUESTS)]
+    rng.shuffle(kinds)
+    cfg = SamplerConfig(sampler="euler", steps=STEPS, cfg_scale=2.0)
+    expected: list[object] = []
+    requests: list[tuple[str, dict]] = []
+    for i, kind in enumerate(kinds):
+        if kind == "encode":
+            data = image_bytes(24, 20, seed=i)
+            image = decode_image(data, 16, 10**6)[None].astype(np.float32) / 255
+            expected.append(runtime.encode(image)[0])
+            requests.append(("/v1/encode", {"files": {"file": data}}))
+        elif kind == "decode":
+            z = np.random.default_rng(i).standard_normal((4, 4, 4)).astype(np.float32)
+            expected.append(to_uint8(runtime.decode(z[None]))[0])
+            requests.append(("/v1/decode", {"json": latent_json(z)}))
+        else:
+            expected.append((i % 3, 1000 + i))
+            body = {
+                "class_label": i % 3,
+                "seed": 1000 + i,
+                "steps": STEPS,
+                "cfg_scale": 2.0,
+                "sampler": "euler",
+            }
+            requests.append(("/v1/generate", {"json": body}))
+
+    limits = httpx.Limits(max_connections=REQUESTS)
+    async with httpx.AsyncClient(timeout=90, limits=limits) as http:
+        tasks = [
+            asyncio.create_task(http.post(f"http://127.0.0.1:{api_ports[i % 2]}{path}", **kwargs))
+            for i, (path, kwargs) in enumerate(requests)
+        ]
+        await asyncio.to_thread(_kill_mid_batch, workers[0], url)
+        responses = await asyncio.gather(*tasks)
+
+    generated = [(i, e) for i, e in enumerate(expected) if kinds[i] == "generate"]
+    labels = np.array([e[0] for _, e in generated])
+    seeds = np.array([e[1] for _, e in generated])
+    images = to_uint8(runtime.generate(labels, seeds, cfg))
+    reference = dict(zip([i for i, _ in generated], images, strict=True))
+    for i, response in enumerate(responses):
+        assert response.status_code == 200, (
+            f"request {i} ({kinds[i]}): {response.status_code} {response.text}"
+        )
+        body = response.json()
+        if kinds[i] == "encode":
+            got = np.frombuffer(base64.b64decode(body["data"]), "<f4").reshape(body["shape"])[0]
+            assert np.abs(got - expected[i]).max() < 1e-6, f"encode {i} got another caller's result"
+        elif kinds[i] == "decode":
+            assert np.array_equal(pixels(body["images"][0]["png"]), expected[i]), f"decode {i} mismatch"
+        else:
+            assert body["images"][0]["seed"] == expected[i][1]
+            assert np.array_equal(pixels(body["images"][0]["png"]), reference[i]), f"generate {i} mismatch"
+
+
+def _kill_mid_batch(worker: subprocess.Popen[bytes], url: str) -> None:
+    """SIGKILL `worker` while it holds unacknowledged generate jobs (a batch in flight)."""
+    client = redis.Redis.from_url(url)
+    stream = Keys.for_model("tiny", "1").jobs("generate")
+    marker = f"-{worker.pid}-"
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            consumers = client.xinfo_consumers(stream, GROUP)
+            mine = [c for c in consumers if marker in c["name"].decode() and c["pending"] > 0]
+            if mine:
+                worker.send_signal(signal.SIGKILL)
+                worker.wait()
+                return
+            time.sleep(0.005)
+        pytest.fail("the worker never held a generate batch to kill")
+    finally:
+        client.close()
