@@ -25,7 +25,7 @@ _SIZES: dict[str, tuple[int, int, int, int]] = {
     "XL/1": (28, 1152, 16, 1),
     "1p0B/1": (24, 1536, 24, 1),
     # Small enough to train in minutes on 2 CPU cores on 8×8 latents; head dim 64.
-    "tiny": (6, 192, 3, 1),
+    "tiny": (4, 192, 3, 1),
 }
 
 

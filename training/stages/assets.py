@@ -16,6 +16,7 @@ from model.pae import PAE
 from model.vfm import FrozenVFM, build_vfm
 from training.checkpoint import CheckpointError, load_module, load_tensors, save_tensors
 from training.data import LabeledImages, WithFlips, build_dataset
+from training.data.subset import ClassBalancedSubset
 from training.distributed import barrier, unwrap
 from training.feature_cache import FeatureCache, build_feature_cache
 from training.stages.context import StageContext
@@ -30,8 +31,20 @@ REFINE_FILE = "refine.safetensors"
 
 
 def dataset(ctx: StageContext, split: str) -> LabeledImages:
-    """The preset's dataset split at the tokenizer's image size (no augmentation: flips are explicit)."""
-    return build_dataset(ctx.preset.dataset, split, root=ctx.data_root, image_size=ctx.preset.pae.image_size)
+    """The preset's dataset split at the tokenizer's image size (no augmentation: flips are explicit).
+
+    The training split is cut to `preset.train_per_class` images per class when that is set.
+    """
+    data = build_dataset(ctx.preset.dataset, split, root=ctx.data_root, image_size=ctx.preset.pae.image_size)
+    if split == "train" and ctx.preset.train_per_class:
+        return ClassBalancedSubset(data, ctx.preset.train_per_class)
+    return data
+
+
+def dataset_key(ctx: StageContext) -> str:
+    """The dataset's name in cache keys: the subset size is part of it, so caches never mix."""
+    per_class = ctx.preset.train_per_class
+    return f"{ctx.preset.dataset}-{per_class}pc" if per_class else ctx.preset.dataset
 
 
 def vfm_features(
@@ -43,7 +56,7 @@ def vfm_features(
     """
     data = WithFlips(base) if flips else base
     kwargs = {
-        "dataset_name": ctx.preset.dataset,
+        "dataset_name": dataset_key(ctx),
         "split": split,
         "image_size": ctx.preset.pae.image_size,
         "flip": "both" if flips else "none",

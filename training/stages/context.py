@@ -31,7 +31,7 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 STAGES = ("refine", "tokenizer", "latents", "dit", "eval")
 # `--set` prefixes and the config each one reaches.
-SECTIONS = ("refine", "tokenizer", "dit", "eval", "sampler", "pae", "dit_arch")
+SECTIONS = ("refine", "tokenizer", "dit", "eval", "sampler", "pae", "dit_arch", "data")
 _DEFAULT_SECTION = {"refine": "refine", "tokenizer": "tokenizer", "dit": "dit", "eval": "eval"}
 # stage → the (earlier stage, record key) that identify its inputs
 _UPSTREAM: dict[str, tuple[tuple[str, str], ...]] = {
@@ -78,6 +78,7 @@ class StageContext:
             "pae": to_jsonable(p.pae),
             "seed": self.seed,
             "dataset": p.dataset,
+            "train_per_class": p.train_per_class,
             "inputs": self._upstream(stage),
         }
         if stage == "refine":
@@ -212,7 +213,7 @@ def resolve_context(
 
     Keys are `section.field` with section one of `SECTIONS` (`tokenizer` → the preset's
     tokenizer_train, `dit` → dit_train, `dit_arch` → the DiT architecture, `pae`, `sampler`,
-    `refine`, `eval`); a bare `field` goes to the running stage's own config. Changing
+    `refine`, `eval`, `data` → `train_per_class`); a bare `field` goes to the running stage's own config. Changing
     `pae.latent_dim` resizes the DiT's input channels with it, and `dit.label_dropout` the DiT's
     class dropout, so the preset stays consistent. `dataset` swaps the preset's dataset for another
     with as many classes (its class names are taken from the data).
@@ -241,8 +242,23 @@ def resolve_context(
     if dit.class_dropout != dit_train.label_dropout and "class_dropout" not in grouped["dit_arch"]:
         dit = dataclasses.replace(dit, class_dropout=dit_train.label_dropout)
     sampler = apply_overrides(preset.sampler, grouped["sampler"], "sampler")
+    unknown = sorted(set(grouped["data"]) - {"train_per_class"})
+    if unknown:
+        raise ValueError(f"--set data.{unknown[0]}: the data section has only train_per_class")
+    per_class = preset.train_per_class
+    if "train_per_class" in grouped["data"]:
+        raw = grouped["data"]["train_per_class"]
+        if not raw.isdigit():
+            raise ValueError(f"--set data.train_per_class expects an int >= 0 (0 = all), got {raw!r}")
+        per_class = int(raw)
     preset = dataclasses.replace(
-        preset, pae=pae, dit=dit, sampler=sampler, tokenizer_train=tok, dit_train=dit_train
+        preset,
+        pae=pae,
+        dit=dit,
+        sampler=sampler,
+        tokenizer_train=tok,
+        dit_train=dit_train,
+        train_per_class=per_class,
     )
     refine = apply_overrides(refine_config_for(preset), grouped["refine"], "refine")
     evaluation = apply_overrides(eval_config_for(preset), grouped["eval"], "eval")
@@ -270,7 +286,8 @@ def _with_dataset(preset: Preset, name: str, root: str | None) -> Preset:
             f"dataset {name!r} has {len(data.class_names)} classes but preset {preset.name!r} generates "
             f"{preset.dit.num_classes}"
         )
-    return dataclasses.replace(preset, dataset=name, class_names=tuple(data.class_names))
+    # The preset's per-class subset is sized for its own dataset; another dataset starts whole.
+    return dataclasses.replace(preset, dataset=name, class_names=tuple(data.class_names), train_per_class=0)
 
 
 def file_digest(path: str | os.PathLike) -> str:

@@ -40,7 +40,7 @@ FORMAT = 1
 
 
 def latents_dir(ctx: StageContext, pae_sha: str, count: int) -> Path:
-    return ctx.cache / "latents" / f"{ctx.preset.dataset}-train-{count}-{pae_sha[:20]}"
+    return ctx.cache / "latents" / f"{assets.dataset_key(ctx)}-train-{count}-{pae_sha[:20]}"
 
 
 def run(ctx: StageContext) -> dict[str, Any]:

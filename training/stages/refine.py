@@ -280,7 +280,7 @@ def _write_targets(
     """Z_T = P_t(H) for every cached row, as a float16 feature cache (built by rank 0)."""
     projector = TargetProjector(net.projector, fingerprint).to(ctx.env.device)
     kwargs = {
-        "dataset_name": f"{ctx.preset.dataset}-refined",
+        "dataset_name": f"{assets.dataset_key(ctx)}-refined",
         "split": "train",
         "image_size": ctx.preset.pae.image_size,
         "flip": "both" if flips else "none",

@@ -99,7 +99,11 @@ def fit(ctx: StageContext) -> tuple[dict[str, Any], Trainables]:
 
     seed_init(ctx.seed)
     pae = PAE(preset.pae).to(env.device)
-    lpips = LPIPS().to(env.device) if (weights.lpips_weight > 0 or weights.mcr_weight > 0) else None
+    lpips = (
+        LPIPS(net=cfg.lpips_net).to(env.device)
+        if (weights.lpips_weight > 0 or weights.mcr_weight > 0)
+        else None
+    )
     disc = PatchDiscriminator(preset.pae.image_size).to(env.device) if use_gan else None
     criterion = PAELoss(weights, lpips, disc)
     opt_g = build_adamw(pae, cfg.lr, cfg.betas, cfg.weight_decay)
