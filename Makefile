@@ -47,8 +47,11 @@ format: venv
 test: venv lint
 	$(BIN)/pytest -q
 
+# One intra-op thread: on a shared 2-core machine a 2-thread OpenMP pool stalls 10-20x whenever
+# another process takes a core (measured); TRAIN_THREADS=2 is faster only on an idle machine.
+TRAIN_THREADS ?= 1
 train: venv
-	$(BIN)/pae-train all --preset fmnist32-tiny --out checkpoints/fmnist32-tiny
+	OMP_NUM_THREADS=$(TRAIN_THREADS) $(BIN)/pae-train all --preset fmnist32-tiny --out checkpoints/fmnist32-tiny --threads $(TRAIN_THREADS)
 
 export: venv
 	$(BIN)/pae-export --checkpoint checkpoints/fmnist32-tiny --repository model_repository
