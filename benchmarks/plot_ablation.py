@@ -1,0 +1,177 @@
+"""Presenting an ablation report (`benchmarks/ablation.py`): the FD-vs-DiT-steps plot, the README
+table in the layout of the paper's Table 2a, and the claims as a checklist.
+
+    python -m benchmarks.plot_ablation [benchmarks/results/ablation.json]
+
+re-renders `ablation.png` next to the JSON and prints the table and claims, so the README can be
+refreshed from the numbers without retraining anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ARM_LABELS = {
+    "baseline": "none (reconstruction only)",
+    "ssr": "SSR only",
+    "mcr": "MCR only",
+    "scr": "SCR only",
+    "pae": "SSR + MCR + SCR (PAE)",
+}
+ARM_TERMS = {"baseline": (), "ssr": ("ssr",), "mcr": ("mcr",), "scr": ("scr",), "pae": ("ssr", "mcr", "scr")}
+# (header, group, key, decimals); the arrows say which way is better.
+COLUMNS = (
+    ("SSC ↑", "latent", "ssc", 3),
+    ("LPC ↓", "latent", "lpc", 3),
+    ("GSQ ↑", "latent", "gsq", 3),
+    ("PSNR ↑", "recon", "psnr", 2),
+    ("rFD ↓", "recon", "rfd", 2),
+    ("gFD ↓", "gen", "fd", 2),
+    ("cond-acc ↑", "gen", "cond_acc", 3),
+)
+
+
+def _mean_std(value: Any) -> tuple[float | None, float | None]:
+    if isinstance(value, dict):
+        return value["mean"], value["std"]
+    return value, None
+
+
+def format_value(value: Any, decimals: int) -> str:
+    """A number, `mean ± std` over seeds, or `n/a`."""
+    mean, std = _mean_std(value)
+    if mean is None:
+        return "n/a"
+    if std is None:
+        return f"{mean:.{decimals}f}"
+    return f"{mean:.{decimals}f} ± {std:.{decimals}f}"
+
+
+def render_table(report: dict[str, Any]) -> str:
+    """Markdown table, one row per arm: which terms it trains with, latent metrics, recon, generation."""
+    headers = ["prior alignment", "SSR", "MCR", "SCR", *(c[0] for c in COLUMNS)]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for arm in ("baseline", "ssr", "mcr", "scr", "pae"):
+        if arm not in report["arms"]:
+            continue
+        entry = report["arms"][arm]
+        checks = ["✓" if t in ARM_TERMS[arm] else "" for t in ("ssr", "mcr", "scr")]
+        cells = [format_value(entry[group][key], dec) for _, group, key, dec in COLUMNS]
+        lines.append("| " + " | ".join([ARM_LABELS[arm], *checks, *cells]) + " |")
+    budget = report["budget"]
+    fd = budget["fd"]
+    seeds = ", ".join(f"{arm}: {len(s)}" for arm, s in budget["seeds"].items())
+    lines += [
+        "",
+        f"Budget `{budget['name']}` on {budget['dataset']} ({budget['train_per_class'] or 'all'} images/class): "
+        f"tokenizer {budget['tokenizer_steps']} steps, DiT {budget['dit_steps']} steps. "
+        f"gFD: FD on {fd['network']} features (not FID), {fd['num_samples']} samples from seed {fd['seed']}, "
+        f"against {fd['reference']['num_samples']} {fd['reference']['split']} images; "
+        f"{fd['sampler']['sampler']} {fd['sampler']['steps']} steps, CFG {fd['sampler']['cfg_scale']}. "
+        f"rFD: same network, reconstructions vs originals. Seeds per arm: {seeds} (mean ± sample std).",
+    ]
+    return "\n".join(lines)
+
+
+def render_claims(report: dict[str, Any]) -> str:
+    """The issue's bar, one line per claim: PASS / FAIL / not measured, with the numbers compared."""
+    lines = []
+    for name, claim in report["claims"].items():
+        status = {True: "PASS", False: "FAIL", None: "n/a "}[claim["pass"]]
+        numbers = ", ".join(f"{k}={_short(v)}" for k, v in claim["compared"].items() if k != "pae_curve")
+        note = f" ({claim['note']})" if "note" in claim else ""
+        lines.append(
+            f"[{status}] {name}: {claim['claim']} — {numbers or '-'}; threshold {claim['threshold']}{note}"
+        )
+    return "\n".join(lines)
+
+
+def _short(value: Any) -> str:
+    mean, std = _mean_std(value)
+    if isinstance(mean, float):
+        return f"{mean:.4g}" if std is None else f"{mean:.4g}±{std:.2g}"
+    return str(mean)
+
+
+def plot_curves(report: dict[str, Any], path: str | Path) -> None:
+    """Left: generation FD against DiT training steps per arm (seed std as error bars). Right: FD of
+    the final DiT against the number of sampler steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_curve, ax_few) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for arm in ("baseline", "ssr", "mcr", "scr", "pae"):
+        if arm not in report["arms"]:
+            continue
+        curve = report["arms"][arm]["curve"]
+        steps = [p[0] for p in curve]
+        means, stds = zip(*(_mean_std(p[1]) for p in curve), strict=True)
+        errs = None if all(s is None for s in stds) else [s or 0.0 for s in stds]
+        ax_curve.errorbar(steps, means, yerr=errs, marker="o", capsize=3, label=ARM_LABELS[arm])
+        few = report["few_step"].get(arm, {})
+        if few:
+            xs = sorted(few, key=int)
+            few_means, few_stds = zip(*(_mean_std(few[s]) for s in xs), strict=True)
+            few_errs = None if all(s is None for s in few_stds) else [s or 0.0 for s in few_stds]
+            ax_few.errorbar(
+                [int(s) for s in xs], few_means, yerr=few_errs, marker="o", capsize=3, label=ARM_LABELS[arm]
+            )
+    base = report["arms"].get("baseline")
+    if base:
+        # Claim 3's picture: where PAE's curve meets the baseline's final FD, against a quarter budget.
+        ax_curve.axhline(
+            _mean_std(base["curve"][-1][1])[0], color="grey", ls=":", lw=1, label="baseline final FD"
+        )
+        ax_curve.axvline(
+            report["budget"]["dit_steps"] / 4, color="grey", ls="--", lw=1, label="1/4 of DiT steps"
+        )
+    fd = report["budget"]["fd"]
+    ylabel = f"FD ({fd['network']}, {fd['num_samples']} samples)"
+    ax_curve.set(xlabel="DiT training steps", ylabel=ylabel, title="Generator convergence")
+    ax_few.set(
+        xlabel="Euler sampler steps", ylabel=ylabel, title="Few-step sampling (final DiT)", xscale="log"
+    )
+    for ax in (ax_curve, ax_few):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"PAE ablation, budget '{report['budget']['name']}' ({report['budget']['dataset']})")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.plot_ablation", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "report", nargs="?", default=str(Path(__file__).resolve().parent / "results" / "ablation.json")
+    )
+    args = parser.parse_args(argv)
+    path = Path(args.report)
+    if not path.is_file():
+        raise SystemExit(f"plot_ablation: no report at {path}; run `python -m benchmarks.ablation` first")
+    try:
+        report = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"plot_ablation: {path} is not valid JSON ({exc})") from None
+    missing = [k for k in ("budget", "arms", "few_step", "claims") if k not in report]
+    if missing:
+        raise SystemExit(f"plot_ablation: {path} is not an ablation report (missing {missing})")
+    plot_curves(report, path.with_suffix(".png"))
+    print(render_table(report))
+    print()
+    print(render_claims(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""The ablation harness (issue 7): budgets and arms resolve to the intended training configs, the
+seed aggregation and the claim checks compute what they say, and the `micro` budget runs the real
+pipeline end to end on MNIST-5k into a well-formed, finite report."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from benchmarks.ablation import (
+    ARMS,
+    BUDGETS,
+    Budget,
+    FDProbe,
+    Plan,
+    aggregate,
+    budget_sets,
+    combine,
+    evaluate_claims,
+    finite_json,
+    main,
+    reference_stats,
+)
+from benchmarks.plot_ablation import plot_curves, render_claims, render_table
+from model.presets import get_preset
+from training.distributed import DistEnv
+from training.metrics.frechet import EfficientNetLite2Features
+from training.stages import assets
+
+CPU1 = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+FEW = ("5", "10", "15", "25", "50", "100")
+
+
+def plan_for(
+    budget: str, tmp_path: Path, seeds: tuple[int, ...] = (0,), arms: tuple[str, ...] | None = None
+) -> Plan:
+    b = BUDGETS[budget]
+    return Plan(budget=b, preset="fmnist32-tiny", out=tmp_path, env=CPU1, seeds=seeds, arms=arms or b.arms)
+
+
+# --- budgets and arms ----------------------------------------------------------------------------
+
+
+def test_budgets_scale_the_preset_schedule() -> None:
+    preset = get_preset("fmnist32-tiny")
+    tok, dit = preset.tokenizer_train, preset.dit_train
+    half = Budget(
+        name="half",
+        arms=("pae",),
+        seeds=(0,),
+        seeded_arms=(),
+        curve_points=4,
+        gen_samples=50,
+        reference_samples=60,
+        tokenizer_scale=0.5,
+        dit_scale=0.5,
+        refine_scale=0.5,
+    )
+    sets = budget_sets(half, preset)
+    assert sets["tokenizer.steps"] == str(round(tok.steps / 2))
+    assert sets["tokenizer.gan_start_step"] == str(round(tok.gan_start_step / 2))
+    assert sets["tokenizer.disc_start_step"] == str(round(tok.disc_start_step / 2))
+    assert sets["tokenizer.warmup_steps"] == str(round(tok.warmup_steps / 2))
+    assert sets["tokenizer.refine_steps"] == str(round(tok.refine_steps / 2))
+    d_steps = round(dit.steps / 2)
+    assert sets["dit.steps"] == str(d_steps) and sets["dit.ckpt_every"] == str(d_steps // 4)
+    assert sets["eval.gen_num_samples"] == "50" and sets["eval.fd_samples"] == "60"
+    assert sets["eval.fd_network"] == "efficientnet-lite2"
+    quick = budget_sets(BUDGETS["quick"], preset)
+    assert quick["tokenizer.steps"] == str(tok.steps) and quick["dit.steps"] == str(dit.steps)
+    assert "data.train_per_class" not in quick  # the preset's subset, whose VFM features `make train` cached
+    micro = budget_sets(BUDGETS["micro"], preset)
+    assert micro["tokenizer.steps"] == "3" and micro["dit.steps"] == "4" and micro["dit.ckpt_every"] == "2"
+
+
+def test_budget_without_curve_points_is_refused() -> None:
+    bad = Budget(
+        name="bad",
+        arms=("pae",),
+        seeds=(0,),
+        seeded_arms=(),
+        curve_points=0,
+        gen_samples=4,
+        reference_samples=4,
+    )
+    with pytest.raises(ValueError, match="curve_points must be >= 1"):
+        budget_sets(bad, get_preset("fmnist32-tiny"))
+
+
+def test_arms_differ_only_in_their_loss_weights(tmp_path: Path) -> None:
+    plan = plan_for("full", tmp_path, arms=tuple(ARMS))
+    weights = {}
+    for arm in ARMS:
+        ctx = plan.context(tmp_path / arm, arm, "tokenizer", 0)
+        tok = ctx.preset.tokenizer_train
+        weights[arm] = (tok.ssr_weight, tok.mcr_weight, tok.scr_weight)
+        assert tok.gan_weight == 0.5 and tok.lpips_weight == 1.0  # reconstruction loss kept in every arm
+    assert weights == {
+        "baseline": (0.0, 0.0, 0.0),
+        "ssr": (0.2, 0.0, 0.0),
+        "mcr": (0.0, 0.5, 0.0),
+        "scr": (0.0, 0.0, 1.0),
+        "pae": (0.2, 0.5, 1.0),
+    }
+
+
+def test_extra_weight_sets_never_switch_on_a_term_an_arm_lacks(tmp_path: Path) -> None:
+    plan = plan_for("full", tmp_path, arms=tuple(ARMS))
+    plan.extra_sets = {"tokenizer.ssr_weight": "0.7", "pae.latent_dim": "8"}
+    base = plan.context(tmp_path / "b", "baseline", "tokenizer", 0).preset
+    ssr = plan.context(tmp_path / "s", "ssr", "tokenizer", 0).preset
+    assert base.tokenizer_train.ssr_weight == 0.0 and ssr.tokenizer_train.ssr_weight == 0.7
+    assert base.pae.latent_dim == ssr.pae.latent_dim == 8  # shared changes reach every arm
+
+
+def test_extra_seeds_train_only_the_seeded_arms(tmp_path: Path) -> None:
+    plan = plan_for("full", tmp_path, seeds=(0, 1, 2))
+    runs = plan.runs()
+    assert runs[:5] == [(0, a) for a in ("baseline", "ssr", "mcr", "scr", "pae")]
+    assert runs[5:] == [(1, "baseline"), (1, "pae"), (2, "baseline"), (2, "pae")]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--seeds", "0", "0"], "distinct"),
+        (["--set", "steps=3"], "prefix the key"),
+        (["--set", "tokenizer.nonsense=1"], "nonsense"),
+        (["--threads", "0"], "threads"),
+    ],
+)
+def test_bad_arguments_fail_before_training(tmp_path: Path, argv: list[str], message: str) -> None:
+    with pytest.raises(SystemExit, match=message):
+        main(["--budget", "micro", "--out", str(tmp_path), *argv])
+
+
+# --- aggregation and claims ----------------------------------------------------------------------
+
+
+def test_aggregate_keeps_one_seed_and_summarises_several() -> None:
+    assert aggregate([3.0]) == 3.0
+    out = aggregate([1.0, 3.0])
+    assert out == {"mean": 2.0, "std": pytest.approx(math.sqrt(2.0)), "values": [1.0, 3.0]}
+    assert aggregate([None, None]) is None
+
+
+def fake_run(scale: float, few: bool = True) -> dict[str, Any]:
+    return {
+        "recon": {"psnr": 25.0, "rfd": 3.0},
+        "latent": {"ssc": 0.3 * scale, "lpc": 0.2 / scale, "gsq": 0.5 * scale, "erank": 0.4},
+        "gen": {"fd": 40.0 / scale, "cond_acc": 0.8},
+        "curve": [[150, 100.0 / scale], [300, 70.0 / scale], [450, 50.0 / scale], [600, 40.0 / scale]],
+        "few_step": {s: 40.0 / scale * (1.5 if s == "5" else 1.0) for s in FEW} if few else {},
+        "wall_s": {"dit": 10.0},
+    }
+
+
+def test_combine_aggregates_seeds_per_arm() -> None:
+    arms, few = combine(
+        {"baseline": {0: fake_run(1.0), 1: fake_run(2.0)}, "pae": {0: fake_run(3.0, few=False)}}
+    )
+    assert arms["baseline"]["seeds"] == [0, 1]
+    assert arms["baseline"]["gen"]["fd"]["mean"] == pytest.approx(30.0)
+    assert arms["baseline"]["curve"][0][0] == 150 and arms["baseline"]["curve"][0][1]["values"] == [
+        100.0,
+        50.0,
+    ]
+    assert arms["pae"]["gen"]["fd"] == pytest.approx(40.0 / 3)  # one seed: a plain number
+    assert set(few) == {"baseline"} and few["baseline"]["5"]["mean"] == pytest.approx(45.0)
+
+
+def test_combine_refuses_curves_on_different_grids() -> None:
+    other = fake_run(1.0)
+    other["curve"] = other["curve"][:-1]
+    with pytest.raises(ValueError, match="different DiT steps"):
+        combine({"baseline": {0: fake_run(1.0), 1: other}})
+
+
+def test_claims_pass_when_pae_is_much_better() -> None:
+    runs = {
+        "baseline": {0: fake_run(1.0)},
+        "ssr": {0: fake_run(1.1)},
+        "mcr": {0: fake_run(1.1)},
+        "scr": {0: fake_run(0.9)},
+        "pae": {0: fake_run(2.5)},
+    }
+    arms, few = combine(runs)
+    claims = evaluate_claims(arms, few, dit_steps=600)
+    assert claims["gen_fd_halved"]["pass"] is True
+    assert claims["gen_fd_halved"]["compared"]["ratio"] == pytest.approx(0.4)
+    assert claims["ssr_raises_ssc"]["pass"] is True and claims["mcr_lowers_lpc"]["pass"] is True
+    assert claims["scr_raises_gsq"]["pass"] is False  # scr's fake GSQ is lower than the baseline's
+    conv = claims["converges_4x_faster"]
+    # PAE's FD at step 150 is 40, the baseline's final FD is 40: reached at 150 = 600 / 4.
+    assert conv["compared"]["pae_steps_to_reach"] == 150 and conv["pass"] is True
+    assert claims["few_step_15_vs_100"]["pass"] is True
+    assert claims["few_step_15_vs_100"]["compared"]["relative_difference"] == pytest.approx(0.0)
+
+
+def test_claims_fail_or_stay_open_honestly() -> None:
+    arms, few = combine({"baseline": {0: fake_run(1.0)}, "pae": {0: fake_run(1.2)}})
+    few["pae"]["15"] = 60.0
+    claims = evaluate_claims(arms, few, dit_steps=600)
+    assert claims["gen_fd_halved"]["pass"] is False
+    # PAE's curve (83, 58, 42, 33) first drops below the baseline's final 40 at the last step.
+    assert claims["converges_4x_faster"]["compared"]["pae_steps_to_reach"] == 600
+    assert claims["converges_4x_faster"]["pass"] is False
+    assert claims["few_step_15_vs_100"]["pass"] is False
+    for key in ("ssr_raises_ssc", "mcr_lowers_lpc", "scr_raises_gsq"):
+        assert claims[key]["pass"] is None and "not measured" in claims[key]["note"]
+
+
+def test_missing_or_non_finite_values_never_pass_or_break_the_json() -> None:
+    arms, few = combine({"baseline": {0: fake_run(1.0)}, "pae": {0: fake_run(2.0)}})
+    arms["baseline"]["gen"]["fd"] = None
+    few["pae"]["100"] = 0.0
+    claims = evaluate_claims(arms, few, dit_steps=600)
+    assert claims["gen_fd_halved"]["pass"] is None and claims["few_step_15_vs_100"]["pass"] is None
+    cleaned = finite_json({"a": [1.0, math.inf], "b": {"c": math.nan}})
+    assert json.loads(json.dumps(cleaned, allow_nan=False)) == {"a": [1.0, None], "b": {"c": None}}
+
+
+def test_table_claims_and_plot_render(tmp_path: Path) -> None:
+    arms, few = combine({"baseline": {0: fake_run(1.0), 1: fake_run(1.2)}, "pae": {0: fake_run(2.5)}})
+    report = {
+        "budget": {
+            "name": "quick",
+            "dataset": "fashion-mnist",
+            "train_per_class": 2000,
+            "tokenizer_steps": 400,
+            "dit_steps": 600,
+            "seeds": {"baseline": [0, 1], "pae": [0]},
+            "fd": {
+                "network": "efficientnet-lite2",
+                "num_samples": 250,
+                "seed": 0,
+                "reference": {"split": "test", "num_samples": 500},
+                "sampler": {"sampler": "euler", "steps": 25, "cfg_scale": 2.0},
+            },
+        },
+        "arms": arms,
+        "few_step": few,
+        "claims": evaluate_claims(arms, few, 600),
+    }
+    table = render_table(report).splitlines()
+    assert table[0].startswith(
+        "| prior alignment | SSR | MCR | SCR | SSC ↑ | LPC ↓ | GSQ ↑ | PSNR ↑ | rFD ↓ | gFD ↓"
+    )
+    baseline_row = next(line for line in table if line.startswith("| none"))
+    assert "36.67 ± 4.71" in baseline_row  # gFD mean ± sample std of 40 and 33.3
+    assert table[3].startswith("| SSR + MCR + SCR (PAE) | ✓ | ✓ | ✓ |")
+    claims = render_claims(report)
+    assert "[PASS] gen_fd_halved" in claims and "[n/a ] ssr_raises_ssc" in claims
+    plot_curves(report, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- the real pipeline, end to end ---------------------------------------------------------------
+
+
+def finite_numbers(obj: Any) -> list[float]:
+    if isinstance(obj, dict):
+        return [x for v in obj.values() for x in finite_numbers(v)]
+    if isinstance(obj, list):
+        return [x for v in obj for x in finite_numbers(v)]
+    return [obj] if isinstance(obj, float | int) and not isinstance(obj, bool) else []
+
+
+@pytest.mark.slow
+def test_micro_budget_end_to_end(tmp_path: Path) -> None:
+    out, results = tmp_path / "run", tmp_path / "results"
+    argv = [
+        "--budget",
+        "micro",
+        "--out",
+        str(out),
+        "--cache",
+        str(tmp_path / "cache"),
+        "--threads",
+        "1",
+        "--results-dir",
+        str(results),
+    ]
+    assert main(argv) == 0
+    report = json.loads((out / "ablation.json").read_text())
+    assert not results.exists()  # micro never writes the published results
+    assert (out / "ablation.png").is_file()
+    assert set(report) >= {"machine", "budget", "arms", "few_step", "claims"}
+    assert report["budget"]["fd"]["num_samples"] == 4 and report["budget"]["fd"]["seed"] == 0
+    assert report["budget"]["fd"]["network"] == "efficientnet-lite2"
+    assert set(report["arms"]) == {"baseline", "pae"}
+    for arm, entry in report["arms"].items():
+        assert set(entry["recon"]) == {"psnr", "rfd"}
+        assert set(entry["latent"]) == {"ssc", "lpc", "gsq", "erank"}
+        assert set(entry["gen"]) == {"fd", "cond_acc"}
+        assert [p[0] for p in entry["curve"]] == [2, 4]
+        # The curve's end, gen.fd and the preset-step few-step point are one measurement.
+        assert entry["curve"][-1][1] == entry["gen"]["fd"] == report["few_step"][arm]["25"]
+        assert list(report["few_step"][arm]) == list(FEW)
+    numbers = finite_numbers({k: report[k] for k in ("arms", "few_step")})
+    assert len(numbers) >= 40 and all(math.isfinite(x) for x in numbers)
+    assert set(report["claims"]) == {
+        "gen_fd_halved",
+        "ssr_raises_ssc",
+        "mcr_lowers_lpc",
+        "scr_raises_gsq",
+        "converges_4x_faster",
+        "few_step_15_vs_100",
+    }
+    assert all(
+        c["pass"] in (True, False)
+        for k, c in report["claims"].items()
+        if k in ("gen_fd_halved", "few_step_15_vs_100")
+    )
+    # Only the arms that read refined targets got them, from one shared refine run.
+    assert (out / "seed0" / "pae" / "refine.safetensors").is_file()
+    assert not (out / "seed0" / "baseline" / "refine.safetensors").exists()
+
+    # The harness's FD probe reproduces the eval stage's gen.fd from the final DiT.
+    plan = plan_for("micro", out)
+    plan.cache = str(tmp_path / "cache")
+    ctx = plan.context(out / "seed0" / "pae", "pae", "eval", 0)
+    network = EfficientNetLite2Features()
+    probe = FDProbe(network, reference_stats(ctx, network, out / "reference_test_8.safetensors"), ctx)
+    mean, std = assets.load_latent_stats(ctx)
+    fd = probe(assets.load_dit_ema(ctx), assets.load_pae(ctx), ctx.preset.sampler, mean, std)
+    assert fd == pytest.approx(report["arms"]["pae"]["gen"]["fd"], rel=1e-6)
+
+    # Rerunning resumes: nothing retrains, the numbers are the same; other settings are refused.
+    assert main(argv) == 0
+    again = json.loads((out / "ablation.json").read_text())
+    for arm, entry in report["arms"].items():
+        for key in ("recon", "latent", "gen", "curve"):
+            assert again["arms"][arm][key] == entry[key]
+    assert again["few_step"] == report["few_step"]
+    with pytest.raises(SystemExit, match="other settings"):
+        main([*argv, "--set", "dit.lr=1e-3"])
