@@ -33,7 +33,9 @@ $(STAMP):
 
 venv: system-deps $(STAMP)
 
+# Exports the committed default model once (parity-checked), then serves it.
 run: venv
+	@test -d model_repository/fmnist32-tiny || $(MAKE) export
 	$(BIN)/pae-serve --host $(HOST) --port $(PORT)
 
 lint: venv
