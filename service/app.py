@@ -408,10 +408,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def encode(request: Request, x_request_timeout: str | None = Header(None)) -> Response:
         due = deadline(x_request_timeout)
         blobs = await read_images(request)
-        images = [
-            await run_in_threadpool(codecs.decode_image, blob, size, settings.max_image_pixels)
-            for blob in blobs
-        ]
+        images = []
+        for blob in blobs:
+            img = codecs.open_image(blob, settings.max_image_pixels)
+            if img.width * img.height <= codecs.INLINE_PIXELS:
+                images.append(codecs.finish_image(img, size))
+            else:
+                images.append(await run_in_threadpool(codecs.finish_image, img, size))
         replies = await run_jobs(request, "encode", [{"data": img.tobytes()} for img in images], due)
         latents = np.stack([np.frombuffer(r.data, dtype="<f4").reshape(r.shape) for r in replies])
         headers = timing_headers(replies)
@@ -442,6 +445,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 for r in replies
             ]
 
+        if size * size * len(replies) <= codecs.INLINE_PIXELS:
+            return encode_all()
         return await run_in_threadpool(encode_all)
 
     @app.post(

@@ -30,6 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from service.errors import DeadlineExceeded, JobFailed, QueueFull, Unavailable
@@ -42,6 +44,7 @@ REPLY_TTL_MS = 600_000
 DEAD_MAXLEN = 10_000
 CANCEL_GRACE_MS = 60_000
 DISPATCH_BLOCK_MS = 1000
+HEALTH_CHECK_S = 1
 
 # KEYS[1] = job stream. ARGV = max_len, n_jobs, then per job: n_pairs, field1, value1, ...
 # XLEN counts queued plus in-flight jobs (workers delete acknowledged entries), so the check and
@@ -77,6 +80,13 @@ def make_pool(url: str, max_connections: int, timeout_s: float) -> BlockingConne
 
     redis-py's default pool raises MaxConnectionsError immediately past its size (measured at 200
     concurrent requests, SERVING_NOTES); blocking for a bounded time turns a burst into a short wait.
+
+    After a Redis restart, connections that sat in the pool through the outage are dead, and each
+    one failed the first request that drew it (a 503 well after Redis was back, seen in the fault
+    campaign). So a connection idle for more than HEALTH_CHECK_S is PINGed before use and
+    reconnected if the PING fails, and a command whose connection breaks is sent once more on a
+    fresh one. A resent enqueue whose first attempt had in fact run adds its jobs twice under the
+    same job ids: both run, the dispatcher keeps the first reply and ignores the repeat.
     """
     return BlockingConnectionPool.from_url(
         url,
@@ -84,7 +94,8 @@ def make_pool(url: str, max_connections: int, timeout_s: float) -> BlockingConne
         timeout=timeout_s,
         socket_connect_timeout=5.0,
         socket_timeout=30.0,
-        health_check_interval=30,
+        health_check_interval=HEALTH_CHECK_S,
+        retry=Retry(NoBackoff(), 1),
     )
 
 
@@ -420,13 +431,20 @@ class BrokerWorker:
         self._queue_ack(pipe, task, jobs)
         await pipe.execute()
 
-    async def cancelled(self, jobs: Sequence[Job]) -> set[str]:
-        """Request ids among `jobs` whose cancel key is set."""
+    async def screen(self, task: str, jobs: Sequence[Job]) -> tuple[set[str], int]:
+        """Request ids among `jobs` whose cancel key is set, and the task's depth, in one round trip.
+
+        Round trips, not bytes, are what a worker pays per batch on a busy machine (each one wakes
+        Redis and waits to be scheduled again), so the pre-batch checks share one pipeline.
+        """
         rids = sorted({job.request_id for job in jobs})
-        if not rids:
-            return set()
-        values = await self.redis.mget([self.keys.cancel(r) for r in rids])
-        return {rid for rid, value in zip(rids, values, strict=True) if value is not None}
+        pipe = self.redis.pipeline(transaction=False)
+        if rids:
+            pipe.mget([self.keys.cancel(r) for r in rids])
+        pipe.xlen(self.keys.jobs(task))
+        out = await pipe.execute()
+        gone = {rid for rid, value in zip(rids, out[0], strict=True) if value is not None} if rids else set()
+        return gone, int(out[-1])
 
     async def drop(self, task: str, jobs: Sequence[Job]) -> None:
         """Acknowledge and delete jobs without replying (expired or cancelled: nobody waits)."""

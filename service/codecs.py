@@ -24,6 +24,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.errors import BadInput, PayloadTooLarge, UnsupportedMedia
 
+INLINE_PIXELS = 128 * 128
+"""Images up to this many pixels are decoded or PNG-encoded on the event loop (well under a
+millisecond); a worker-thread hop costs more than that on a busy machine. Larger ones go to threads."""
+
 MIN_IMAGE_SIDE = 8
 """Smallest accepted image side in pixels: below this an upscale to the model resolution is noise."""
 
@@ -46,6 +50,12 @@ def decode_image(data: bytes, size: int, max_pixels: int) -> np.ndarray:
     The pixel count is checked from the header before any pixel is decompressed (the
     decompression-bomb guard); truncated or corrupt data, tiny images and other formats are refused.
     """
+    return finish_image(open_image(data, max_pixels), size)
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Read and check only the header: format, pixel count, smallest side. Cheap at any size, so
+    callers can look at `width × height` before deciding where to spend the decoding work."""
     if not data:
         raise BadInput("image is empty (0 bytes)", status=400)
     if not _looks_like_image(data):
@@ -68,6 +78,11 @@ def decode_image(data: bytes, size: int, max_pixels: int) -> np.ndarray:
         )
     if min(width, height) < MIN_IMAGE_SIDE:
         raise BadInput(f"image is {width}×{height}; both sides must be at least {MIN_IMAGE_SIDE} pixels")
+    return img
+
+
+def finish_image(img: Image.Image, size: int) -> np.ndarray:
+    """Decompress an image `open_image` accepted, then orient, convert and resize it."""
     try:
         img.load()
         img = ImageOps.exif_transpose(img)
@@ -178,7 +193,12 @@ def latents_from_json(payload: object, latent_shape: tuple[int, ...], max_items:
 
 
 def latents_from_npy(data: bytes, latent_shape: tuple[int, ...], max_items: int) -> np.ndarray:
-    """Parse a .npy file without pickle; the header is checked before any data is allocated."""
+    """Parse a .npy file without pickle; the header is checked before any data is allocated.
+
+    numpy parses the untrusted header with Python's tokenizer and `ast.literal_eval`, which fail
+    with several exception types (ValueError, SyntaxError, tokenize.TokenError, ... found by
+    fuzzing), so any failure while reading the header means "not a valid .npy", a 400.
+    """
     stream = io.BytesIO(data)
     try:
         major, _minor = npy_format.read_magic(stream)
@@ -188,8 +208,8 @@ def latents_from_npy(data: bytes, latent_shape: tuple[int, ...], max_items: int)
             shape, fortran, dtype = npy_format.read_array_header_2_0(stream)
         else:
             raise ValueError(f"unsupported .npy format version {major}")
-    except (ValueError, SyntaxError, EOFError) as exc:
-        raise BadInput(f"body is not a valid .npy file: {exc}", status=400) from None
+    except Exception as exc:
+        raise BadInput(f"body is not a valid .npy file: {type(exc).__name__}: {exc}", status=400) from None
     if dtype.hasobject:
         raise BadInput("npy arrays of Python objects are refused (they would need pickle)")
     if dtype != np.dtype("<f4") and dtype != np.dtype(">f4"):

@@ -22,8 +22,21 @@ class RepositoryError(RuntimeError):
     """The model repository is missing something or holds an invalid or unverified file."""
 
 
+def is_plain_name(name: str) -> bool:
+    """One folder name: not empty, not `.` or `..`, no path separator (either kind) or NUL."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
+
+
 def resolve_version_dir(repository: Path, name: str, version: str | None) -> Path:
-    """`<repository>/<name>/<version>`; version None means the largest integer version folder."""
+    """`<repository>/<name>/<version>`; version None means the largest integer version folder.
+
+    `name` must be one plain folder name and `version` an integer folder name, checked here as
+    well as in the settings, so no caller can build a path outside the repository.
+    """
+    if not is_plain_name(name):
+        raise RepositoryError(f"model name {name!r} is not a plain folder name")
+    if version is not None and not (version.isascii() and version.isdigit()):
+        raise RepositoryError(f"model version {version!r} is not an integer folder name")
     model_dir = repository / name
     if not model_dir.is_dir():
         raise RepositoryError(f"model {name!r} not found: {model_dir} is not a directory")

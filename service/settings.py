@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service.repository import is_plain_name
+
 TASKS: tuple[str, ...] = ("encode", "decode", "generate")
 RUNTIMES: tuple[str, ...] = ("onnxruntime", "torch", "tensorrt")
 ORT_PROVIDERS: tuple[str, ...] = ("cpu", "cuda", "tensorrt")
@@ -68,9 +70,13 @@ def _optional(env: Mapping[str, str], name: str) -> str | None:
 
 @dataclass(frozen=True)
 class Settings:
-    """The validated configuration of an API replica or a worker (both read the same variables)."""
+    """The validated configuration of an API replica or a worker (both read the same variables).
 
-    redis_url: str | None = None
+    The Redis URL (which may hold a password) and the API key are left out of the repr, so a
+    logged or printed Settings never shows a secret.
+    """
+
+    redis_url: str | None = field(default=None, repr=False)
     model_repository: Path = Path("model_repository")
     model_name: str = "fmnist32-tiny"
     model_version: str | None = None
@@ -82,7 +88,7 @@ class Settings:
     max_wait_ms: dict[str, int] = field(default_factory=lambda: dict(_DEFAULT_MAX_WAIT_MS))
     queue_max_len: int = 256
     request_timeout_s: float = 60.0
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)
     max_body_bytes: int = 8 * 1024 * 1024
     max_image_pixels: int = 16_777_216
     max_num_images: int = 16
@@ -111,7 +117,7 @@ class Settings:
                 f"REDIS_URL must start with redis://, rediss:// or unix://, got {redis_url!r}"
             )
         model_name = _optional(env, "MODEL_NAME") or "fmnist32-tiny"
-        if "/" in model_name or model_name in (".", ".."):
+        if not is_plain_name(model_name):
             raise SettingsError(f"MODEL_NAME must be a plain folder name, got {model_name!r}")
         version = _optional(env, "MODEL_VERSION")
         if version is not None and version.lower() == "latest":

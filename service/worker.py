@@ -1,7 +1,10 @@
 """The worker: pull batches from the task streams, run the runtime, reply, acknowledge.
 
-One asyncio loop per task reads up to `MAX_BATCH_SIZE_<TASK>` jobs; after the first job arrives it
-waits at most `MAX_WAIT_MS_<TASK>` for the batch to fill (Triton's max queue delay). Before running
+One asyncio loop per task reads up to `MAX_BATCH_SIZE_<TASK>` jobs; when traffic is concurrent (the
+read, or the previous batch, held more than one job) it then waits at most `MAX_WAIT_MS_<TASK>` for
+the batch to fill (Triton's max queue delay). A lone job on an idle queue runs at once: waiting for
+company that is not coming only adds latency (measured at concurrency 1: p50 5 → 11 ms with the
+wait, for no gain), and under load batches form anyway while the previous one computes. Before running
 a batch it drops jobs whose deadline has passed or whose request was cancelled, so abandoned work
 is never computed. Compute runs on one thread shared by all tasks (one model, one device; parallel
 batches would only fight for the same cores) while the event loop keeps heartbeats and Redis I/O
@@ -38,6 +41,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_INTERVAL_S = 1.0
 HEARTBEAT_TTL_MS = 5_000
 POLL_MS = 250
+FILL_POLL_S = 0.001
 
 
 class JobInputError(ValueError):
@@ -206,6 +210,7 @@ class Worker:
         claim_every = min(self.settings.claim_idle_ms / 2000, 1.0)
         next_claim = 0.0
         backoff = 0.1
+        last_batch = 0
         while not self._stopping.is_set():
             try:
                 jobs: list[Job] = []
@@ -220,10 +225,12 @@ class Worker:
                         await self.broker.read(task, max_batch - len(jobs), None if jobs else POLL_MS)
                     )
                 if jobs:
-                    await self._fill(task, jobs, max_batch)
-                metrics.QUEUE_DEPTH.labels(task).set(await self.broker.depth(task))
-                if jobs:
+                    if len(jobs) > 1 or last_batch > 1:
+                        await self._fill(task, jobs, max_batch)
+                    last_batch = len(jobs)
                     await self._process(task, jobs)
+                else:
+                    metrics.QUEUE_DEPTH.labels(task).set(await self.broker.depth(task))
                 backoff = 0.1
             except (RedisError, OSError) as exc:
                 log.warning("worker %s, %s loop: Redis error %s; retrying", self.worker_id, task, exc)
@@ -238,22 +245,26 @@ class Worker:
                 backoff = min(backoff * 2, 2.0)
 
     async def _fill(self, task: str, jobs: list[Job], max_batch: int) -> None:
-        """Wait up to MAX_WAIT_MS after the first job for more, so batches form under load."""
+        """Wait up to MAX_WAIT_MS after the first job for more, so batches form under load.
+
+        It polls with non-blocking reads rather than one `XREADGROUP BLOCK <ms>`: Redis times out
+        blocked commands only on its `hz` tick (every 100 ms by default), so a 5 ms BLOCK that
+        finds nothing really waits up to 100 ms (measured: BLOCK 5 returned after 106 ms).
+        """
         end = time.monotonic() + self.settings.max_wait_ms[task] / 1000
         while len(jobs) < max_batch:
-            remaining = int((end - time.monotonic()) * 1000)
+            remaining = end - time.monotonic()
             if remaining <= 0:
                 return
-            more = await self.broker.read(task, max_batch - len(jobs), remaining)
-            if not more:
-                return
-            jobs.extend(more)
+            await asyncio.sleep(min(FILL_POLL_S, remaining))
+            jobs.extend(await self.broker.read(task, max_batch - len(jobs), None))
 
     async def _process(self, task: str, jobs: list[Job]) -> None:
         now = now_ms()
         expired = [j for j in jobs if j.deadline_ms <= now]
         live = [j for j in jobs if j.deadline_ms > now]
-        gone = await self.broker.cancelled(live)
+        gone, depth = await self.broker.screen(task, live)
+        metrics.QUEUE_DEPTH.labels(task).set(depth)
         cancelled = [j for j in live if j.request_id in gone]
         live = [j for j in live if j.request_id not in gone]
         if expired or cancelled:
@@ -270,7 +281,36 @@ class Worker:
         replies = await self._compute_isolating(task, jobs)
         for job, reply in zip(jobs, replies, strict=True):
             reply.queue_ms = float(max(start - job.enqueued_ms, 0))
-        await self.broker.answer(task, jobs, replies)
+        await self._answer(task, jobs, replies)
+
+    async def _answer(self, task: str, jobs: list[Job], replies: list[Reply]) -> None:
+        """Deliver computed replies, retrying through a Redis outage until the jobs' deadlines pass.
+
+        Dropping finished results on a connection error would leave the jobs pending until
+        CLAIM_IDLE_MS and compute them again, by then usually past their callers' deadlines. A retry
+        after a write that did land only repeats the reply, which the dispatcher ignores. Past
+        every deadline nobody waits: the jobs stay pending and are dropped as expired when reclaimed.
+        """
+        backoff = 0.05
+        while True:
+            try:
+                await self.broker.answer(task, jobs, replies)
+                return
+            except (RedisError, OSError) as exc:
+                if now_ms() >= max(job.deadline_ms for job in jobs):
+                    log.warning(
+                        "worker %s: gave up answering %d %s jobs (%s)", self.worker_id, len(jobs), task, exc
+                    )
+                    return
+                log.warning(
+                    "worker %s: answering %d %s jobs failed (%s); retrying",
+                    self.worker_id,
+                    len(jobs),
+                    task,
+                    exc,
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
 
     async def _compute_isolating(self, task: str, jobs: list[Job]) -> list[Reply]:
         """Run the batch; if it fails, run each job alone so one bad job fails alone."""
