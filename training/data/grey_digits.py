@@ -13,23 +13,12 @@ import os
 import numpy as np
 import torch
 
+from model.presets import FASHION_MNIST_CLASSES
 from training.data.base import LabeledImages
 from training.data.idx import IDXFormatError, read_idx
 from training.data.transforms import grey_to_rgb_padded
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
 _FASHION_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", 60000),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", 10000),
