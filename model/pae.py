@@ -19,6 +19,9 @@ from .pos_embed import sincos_2d
 from .vfm.base import FrozenVFM, VFMSpec, normalize_image, stats_tensor
 
 FUSIONS = ("sft", "add", "concat", "none")
+# q = k = MIXER_SHARPNESS·I in the residual-free token mixers at initialisation: each token's logit for
+# itself is then ≈ MIXER_SHARPNESS²·√head_dim for LayerNorm-scale inputs, far above its neighbours'.
+MIXER_SHARPNESS = 3.0
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,26 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(self._split(q), self._split(k), self._split(v))
         return self.proj(out.transpose(1, 2).flatten(2))
 
+    def init_near_identity(self, sharpness: float = MIXER_SHARPNESS) -> None:
+        """Start a residual-free self-attention as (nearly) the identity map on tokens.
+
+        With a random init its attention is almost uniform, so it hands every position the same
+        average token: the latent loses all spatial detail at step 0, and a small model on a small
+        budget never learns it back (a 16-image overfit of the default preset reached 14.8 dB PSNR in
+        300 steps that way, 21.2 dB from this init). q = k = s·I makes each token attend to itself;
+        v = proj = I pass it through unchanged. Learned weights replace this as training proceeds.
+        """
+        if self.cross:
+            raise ValueError("init_near_identity applies to self-attention only")
+        dim = self.proj.in_features
+        eye = torch.eye(dim, dtype=self.proj.weight.dtype, device=self.proj.weight.device)
+        with torch.no_grad():
+            self.qkv.weight.copy_(torch.cat([sharpness * eye, sharpness * eye, eye]))
+            if self.qkv.bias is not None:
+                self.qkv.bias.zero_()
+            self.proj.weight.copy_(eye)
+            self.proj.bias.zero_()
+
 
 class MLP(nn.Sequential):
     def __init__(self, dim: int, ratio: float) -> None:
@@ -203,7 +226,10 @@ class DAM(nn.Module):
 
 
 class Projector(nn.Module):
-    """Residual-free token mixer then a 3×3 conv down to the latent width: B×N×D → B×d×g×g."""
+    """Residual-free token mixer then a 3×3 conv down to the latent width: B×N×D → B×d×g×g.
+
+    Call `reset_mixer()` after any generic weight init (see `Attention.init_near_identity`).
+    """
 
     def __init__(self, dim: int, heads: int, latent_dim: int, grid: int) -> None:
         super().__init__()
@@ -211,18 +237,27 @@ class Projector(nn.Module):
         self.attn = Attention(dim, heads, qkv_bias=False)
         self.conv = nn.Conv2d(dim, latent_dim, kernel_size=3, padding=1)
 
+    def reset_mixer(self) -> None:
+        self.attn.init_near_identity()
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         h = self.attn(h)
         return self.conv(h.transpose(1, 2).unflatten(2, (self.grid, self.grid)))
 
 
 class Deprojector(nn.Module):
-    """3×3 conv back to the VFM width, then a residual-free token mixer: B×d×h×w → B×(h·w)×D."""
+    """3×3 conv back to the VFM width, then a residual-free token mixer: B×d×h×w → B×(h·w)×D.
+
+    Call `reset_mixer()` after any generic weight init (see `Attention.init_near_identity`).
+    """
 
     def __init__(self, latent_dim: int, dim: int, heads: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(latent_dim, dim, kernel_size=3, padding=1)
         self.attn = Attention(dim, heads, qkv_bias=False)
+
+    def reset_mixer(self) -> None:
+        self.attn.init_near_identity()
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.attn(self.conv(z).flatten(2).transpose(1, 2))
@@ -273,7 +308,7 @@ class PixelDecoder(nn.Module):
         return unpatchify(self.head(self.norm(x))[:, 1:], self.grid, self.patch)
 
 
-def _init_weights(module: nn.Module) -> None:
+def init_weights(module: nn.Module) -> None:
     """Xavier-uniform linears and flattened conv kernels with zero bias (ViT/MAE convention)."""
     if isinstance(module, (nn.Linear, nn.Conv2d)):
         nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
@@ -300,8 +335,10 @@ class PAE(nn.Module):
         self.projector = Projector(spec.dim, spec.heads, cfg.latent_dim, spec.grid)
         self.deprojector = Deprojector(cfg.latent_dim, spec.dim, spec.heads)
         self.decoder = PixelDecoder(spec.dim, cfg)
-        self.apply(_init_weights)
+        self.apply(init_weights)
         self.dam.reset_fusion()
+        self.projector.reset_mixer()
+        self.deprojector.reset_mixer()
 
     @property
     def vfm(self) -> FrozenVFM | None:

@@ -179,3 +179,22 @@ def test_unpatchify_layout():
     assert img.shape == (1, 3, g * p, g * p)
     for i, j, a, b, c in [(0, 1, 2, 0, 1), (1, 0, 1, 2, 2), (1, 1, 0, 0, 0)]:
         assert img[0, c, i * p + a, j * p + b] == patches[0, i * g + j, (a * p + b) * 3 + c]
+
+
+def test_residual_free_mixers_start_near_the_identity(tiny_cfg):
+    """Uniform attention would give every position the same token; the init keeps tokens apart."""
+    torch.manual_seed(0)
+    pae = PAE(tiny_cfg)
+    n, dim = tiny_cfg.vfm.grid**2, tiny_cfg.vfm.dim
+    tokens = F.layer_norm(torch.randn(2, n, dim), (dim,))
+    out = pae.projector.attn(tokens)
+    assert F.cosine_similarity(out, tokens, dim=-1).min() > 0.99
+    assert out.std(dim=1).mean() > 0.9  # positions still differ (uniform attention gives ~0)
+    z = sphere_norm(torch.randn(2, tiny_cfg.latent_dim, tiny_cfg.vfm.grid, tiny_cfg.vfm.grid))
+    h = pae.deprojector.conv(z).flatten(2).transpose(1, 2)
+    assert F.cosine_similarity(pae.deprojector.attn(h), h, dim=-1).mean() > 0.95
+
+
+def test_near_identity_init_is_for_self_attention_only():
+    with pytest.raises(ValueError, match="self-attention"):
+        Attention(8, 2, cross=True).init_near_identity()

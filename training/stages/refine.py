@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from model.pae import Projector, ViTBlock, sphere_norm
+from model.pae import Projector, ViTBlock, init_weights, sphere_norm
 from model.pos_embed import sincos_2d
 from training.distributed import ShardedBatches, barrier, unwrap, wrap_ddp
 from training.feature_cache import FeatureCache, build_feature_cache
@@ -129,15 +129,6 @@ class Reconstructor(nn.Module):
         return self.head(self.norm(x))
 
 
-def _xavier(module: nn.Module) -> None:
-    """PAE's initialisation (Xavier-uniform on flattened kernels, zero bias), so P_t starts with token
-    magnitudes well above the sphere norm's epsilon, as the tokenizer's projector does."""
-    if isinstance(module, nn.Linear | nn.Conv2d):
-        nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-
 class RefineNet(nn.Module):
     """P_t and Q_t together: standardised VFM tokens → (Z_T on the sphere, rebuilt tokens)."""
 
@@ -145,7 +136,10 @@ class RefineNet(nn.Module):
         super().__init__()
         self.projector = Projector(ctx_dim, heads, latent_dim, grid)
         self.reconstructor = Reconstructor(latent_dim, ctx_dim, heads, grid, cfg.depth, cfg.mlp_ratio)
-        self.apply(_xavier)
+        # PAE's own init, so P_t starts like the tokenizer's projector: token magnitudes well above the
+        # sphere norm's epsilon and a near-identity token mixer.
+        self.apply(init_weights)
+        self.projector.reset_mixer()
 
     def forward(self, h_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = sphere_norm(self.projector(h_std))
