@@ -83,3 +83,33 @@ def sample_images(
     mean = torch.tensor(config.latent_mean, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
     std = torch.tensor(config.latent_std, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
     return decode(x * std + mean)
+
+
+def warm_up(
+    config: ModelConfig,
+    max_batch: Mapping[str, int],
+    encode: Callable[[np.ndarray], np.ndarray],
+    decode: Callable[[np.ndarray], np.ndarray],
+    velocities: tuple[VelocityFn, GuidedFn | None],
+    device: torch.device | str = "cpu",
+) -> None:
+    """Run each graph once at every batch size from 1 to `max_batch[task]` (see `Runtime.warmup`).
+
+    Generation warms the conditional velocity and, when the backend has one, its fused CFG graph;
+    the decoder it ends in is already warm from the decode sizes up to the same maximum.
+    """
+    size = config.image_size
+    d, h, w = config.latent_shape
+    for b in range(1, max_batch.get("encode", 0) + 1):
+        encode(np.zeros((b, 3, size, size), np.float32))
+    for b in range(1, max(max_batch.get("decode", 0), max_batch.get("generate", 0)) + 1):
+        decode(np.zeros((b, d, h, w), np.float32))
+    velocity, guided = velocities
+    with torch.no_grad():
+        for b in range(1, max_batch.get("generate", 0) + 1):
+            x = torch.zeros(b, d, h, w, device=device)
+            t = torch.full((b,), 0.5, device=device)
+            y = torch.zeros(b, dtype=torch.int64, device=device)
+            velocity(x, t, y)
+            if guided is not None:
+                guided(x, t, y, 2.0)

@@ -19,7 +19,7 @@ import torch
 
 from model.flow import SamplerConfig
 from service.repository import ModelConfig, RepositoryError, verify_files
-from service.runtimes.base import sample_images
+from service.runtimes.base import sample_images, warm_up
 from service.runtimes.onnxruntime import ProviderUnavailable
 
 GRAPHS: tuple[str, ...] = ("encoder", "decoder", "dit", "dit_cond")
@@ -178,18 +178,9 @@ class TensorRTRuntime:
         )
 
     def warmup(self, max_batch: Mapping[str, int]) -> None:
-        size = self.config.image_size
-        d, h, w = self.config.latent_shape
-        for b in range(1, max_batch.get("encode", 0) + 1):
-            self.encode(np.zeros((b, 3, size, size), np.float32))
-        for b in range(1, max_batch.get("decode", 0) + 1):
-            self.decode(np.zeros((b, d, h, w), np.float32))
-        for b in range(1, max_batch.get("generate", 0) + 1):
-            x = torch.zeros(b, d, h, w, device="cuda")
-            t = torch.full((b,), 0.5, device="cuda")
-            y = torch.zeros(b, dtype=torch.int64, device="cuda")
-            self._velocity(x, t, y)
-            self._guided(x, t, y, 2.0)
+        warm_up(
+            self.config, max_batch, self.encode, self.decode, (self._velocity, self._guided), device="cuda"
+        )
 
     def info(self) -> dict[str, object]:
         return {

@@ -22,7 +22,7 @@ from model.pae import PAE, PAEConfig
 from model.vfm import build_vfm
 from model.vfm.base import VFMSpec
 from service.repository import ModelConfig, RepositoryError, verify_files
-from service.runtimes.base import sample_images
+from service.runtimes.base import sample_images, warm_up
 
 FILES: tuple[str, ...] = ("torch/config.json", "torch/pae.safetensors", "torch/dit_ema.safetensors")
 
@@ -99,20 +99,7 @@ class TorchRuntime:
         )
 
     def warmup(self, max_batch: Mapping[str, int]) -> None:
-        size = self.config.image_size
-        d, h, w = self.config.latent_shape
-        for b in range(1, max_batch.get("encode", 0) + 1):
-            self.encode(np.zeros((b, 3, size, size), np.float32))
-        for b in range(1, max_batch.get("decode", 0) + 1):
-            self.decode(np.zeros((b, d, h, w), np.float32))
-        with torch.no_grad():
-            for b in range(1, max_batch.get("generate", 0) + 1):
-                x = torch.zeros(b, d, h, w, device=self.device)
-                self.dit(
-                    x,
-                    torch.full((b,), 0.5, device=self.device),
-                    torch.zeros(b, dtype=torch.int64, device=self.device),
-                )
+        warm_up(self.config, max_batch, self.encode, self.decode, (self.dit, None), device=self.device)
 
     def info(self) -> dict[str, object]:
         return {
