@@ -40,7 +40,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -52,6 +51,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.machine import describe
 from benchmarks.plot_ablation import plot_curves, render_claims, render_table
 from model.flow import SamplerConfig
 from model.lightningdit import LightningDiT
@@ -130,9 +130,10 @@ class Budget:
 # Costs on 2 cores, in 1-thread CPU seconds (measured; 2 threads give about 1.7x): a tokenizer step
 # 0.6 (baseline) to 1.9 (PAE with the GAN on), a DiT step 1.0 (batch 64), sampling 0.0096 per image
 # and Euler step (CFG interval on), EfficientNet-Lite2 0.18 per image, one 1280-d FD 0.7. With the
-# preset at 300 tokenizer + 700 DiT steps, `quick` gives its two arms the preset's training budget and
-# saves on measurement (250 samples, few-step FD on PAE alone): about 40-45 minutes once `make train` has
-# cached the VFM features. `full` measures with the eval stage's own sample counts.
+# preset at 1500 tokenizer + 1500 DiT steps, `quick` gives its two arms 40 % of the preset's tokenizer
+# steps and half its DiT steps and saves on measurement (250 samples, few-step FD on PAE alone): about
+# 45 minutes on one core once `make train` has cached the VFM features. `full` trains with the preset's
+# budget and measures with the eval stage's own sample counts.
 BUDGETS: dict[str, Budget] = {
     "quick": Budget(
         name="quick",
@@ -143,6 +144,8 @@ BUDGETS: dict[str, Budget] = {
         gen_samples=250,
         reference_samples=500,
         few_step_arms=("pae",),
+        tokenizer_scale=0.4,
+        dit_scale=0.5,
     ),
     "full": Budget(
         name="full",
@@ -659,24 +662,8 @@ def evaluate_claims(arms: dict[str, Any], few_step: dict[str, Any], dit_steps: i
 
 
 def machine(env: DistEnv, threads: int) -> dict[str, Any]:
-    """Whose numbers these are; the load average shows how shared the machine was."""
-    cpu = "unknown"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    info = {
-        "cpu": cpu,
-        "logical_cores": os.cpu_count(),
-        "torch_threads": threads,
-        "device": str(env.device),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "load_average_start": list(os.getloadavg()),
-    }
+    """The machine block, with the torch thread count and the device trained on."""
+    info = describe(torch_threads=threads, device=str(env.device))
     if env.device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(env.device)
     return info

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -34,6 +33,7 @@ from safetensors.torch import save_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.machine import describe
 from export.checkpoint import DIT_FILE, STATS_FILE, LoadedCheckpoint, load_checkpoint
 from export.exporter import export_checkpoint, graph_modules
 from export.onnx_graphs import GRAPHS as EXPORT_GRAPHS
@@ -54,25 +54,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict:
-    """Enough to tell whose numbers these are; load average shows how shared the machine was."""
-    cpu = "unknown"
-    if Path("/proc/cpuinfo").is_file():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    """The machine block, with the ONNX Runtime version and the thread count used."""
     import onnxruntime
 
-    return {
-        "cpu": cpu,
-        "logical_cores": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "threads": THREADS,
-        "load_average_start": list(os.getloadavg()),
-    }
+    return describe(onnxruntime=onnxruntime.__version__, threads=THREADS)
 
 
 def ort_session(path: Path, threads: int = THREADS, level: str = "all", profile_prefix: str | None = None):

@@ -17,7 +17,6 @@ import functools
 import io
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -37,6 +36,8 @@ import numpy as np
 import redis
 from PIL import Image
 
+from benchmarks.machine import describe
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_MODEL = "fmnist32-tiny"
@@ -48,26 +49,11 @@ T = TypeVar("T")
 
 
 def machine_info() -> dict[str, object]:
-    """Whose numbers these are: CPU, cores, platform and how busy the machine was at the start."""
-    cpu = "unknown"
-    if Path("/proc/cpuinfo").is_file():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    """The machine block, with the ONNX Runtime and redis-server versions the service ran on."""
     import onnxruntime
 
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "onnxruntime": onnxruntime.__version__,
-        "redis_server": subprocess.run(
-            ["redis-server", "--version"], capture_output=True, text=True, check=False
-        ).stdout.strip(),
-        "load_average_start": [round(v, 2) for v in os.getloadavg()],
-    }
+    redis_version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True, check=False)
+    return describe(onnxruntime=onnxruntime.__version__, redis_server=redis_version.stdout.strip())
 
 
 def resolve_model(repository: Path | None, scratch: Path) -> tuple[Path, str, str]:

@@ -285,7 +285,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.out.with_suffix(".png"))
-    print(json.dumps({k: result[k] for k in ("overhead_ms", "batching_ratio_c32")}, indent=2))
+    print(
+        json.dumps(
+            {k: result[k] for k in ("overhead_ms", "batching_ratio_c32", "worker_cpu_ratio_c32")}, indent=2
+        )
+    )
 
 
 def run(args: argparse.Namespace, scratch: Path) -> dict[str, object]:
@@ -321,6 +325,7 @@ def run(args: argparse.Namespace, scratch: Path) -> dict[str, object]:
             for e in args.endpoints
             if "32" in runs[e]["batched"] and runs[e]["unbatched"]["32"]["rps"]
         },
+        "worker_cpu_ratio_c32": worker_cpu_ratios(runs, args.endpoints),
     }
     if not args.no_overload:
         result["overload"] = overload_run(args, repository, model, requests)
@@ -329,6 +334,23 @@ def run(args: argparse.Namespace, scratch: Path) -> dict[str, object]:
     result["wall_s"] = round(time.time() - started, 1)
     result["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     return result
+
+
+def worker_cpu_ratios(runs: dict, endpoints: list[str]) -> dict[str, float]:
+    """Unbatched ÷ batched worker CPU per request at concurrency 32: what batching saves where it acts.
+
+    End-to-end throughput on one machine also pays the client's and API's per-request CPU, which
+    batching cannot reduce; this ratio isolates the worker, the part that scales out on its own cores.
+    """
+    ratios = {}
+    for e in endpoints:
+        points = [
+            runs[e][mode].get("32", {}).get("cpu_ms_per_request", {}) for mode in ("batched", "unbatched")
+        ]
+        batched, unbatched = (sum(v for k, v in p.items() if k.startswith("worker")) for p in points)
+        if batched > 0 and unbatched > 0:
+            ratios[e] = round(unbatched / batched, 2)
+    return ratios
 
 
 if __name__ == "__main__":
