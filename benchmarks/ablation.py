@@ -130,8 +130,8 @@ class Budget:
 # Costs on 2 cores, in 1-thread CPU seconds (measured; 2 threads give about 1.7x): a tokenizer step
 # 0.6 (baseline) to 1.9 (PAE with the GAN on), a DiT step 1.0 (batch 64), sampling 0.0096 per image
 # and Euler step (CFG interval on), EfficientNet-Lite2 0.18 per image, one 1280-d FD 0.7. With the
-# preset at 1500 tokenizer + 1500 DiT steps, `quick` gives its two arms 40 % of the preset's tokenizer
-# steps and half its DiT steps and saves on measurement (250 samples, few-step FD on PAE alone): about
+# preset at 1500 tokenizer + 3000 DiT steps, `quick` gives its two arms 40 % of the preset's tokenizer
+# steps and a quarter of its DiT steps (600 + 750) and saves on measurement (250 samples, few-step FD on PAE alone): about
 # 45 minutes on one core once `make train` has cached the VFM features. `full` trains with the preset's
 # budget and measures with the eval stage's own sample counts.
 BUDGETS: dict[str, Budget] = {
@@ -145,7 +145,7 @@ BUDGETS: dict[str, Budget] = {
         reference_samples=500,
         few_step_arms=("pae",),
         tokenizer_scale=0.4,
-        dit_scale=0.5,
+        dit_scale=0.25,
     ),
     "full": Budget(
         name="full",

@@ -340,7 +340,7 @@ def _fmnist32_tiny() -> Preset:
         ),
         dit_train=DiTTrainConfig(
             batch_size=32,
-            steps=1500,
+            steps=3000,
             lr=5e-4,
             warmup_steps=50,
             ema_decay=0.995,

@@ -72,7 +72,9 @@ def test_budgets_scale_the_preset_schedule() -> None:
     assert sets["eval.gen_num_samples"] == "50" and sets["eval.fd_samples"] == "60"
     assert sets["eval.fd_network"] == "efficientnet-lite2"
     quick = budget_sets(BUDGETS["quick"], preset)
-    assert quick["tokenizer.steps"] == str(tok.steps) and quick["dit.steps"] == str(dit.steps)
+    q = BUDGETS["quick"]
+    assert quick["tokenizer.steps"] == str(round(tok.steps * q.tokenizer_scale))
+    assert quick["dit.steps"] == str(round(dit.steps * q.dit_scale))
     assert "data.train_per_class" not in quick  # the preset's subset, whose VFM features `make train` cached
     micro = budget_sets(BUDGETS["micro"], preset)
     assert micro["tokenizer.steps"] == "3" and micro["dit.steps"] == "4" and micro["dit.ckpt_every"] == "2"
@@ -94,18 +96,26 @@ def test_budget_without_curve_points_is_refused() -> None:
 
 def test_arms_differ_only_in_their_loss_weights(tmp_path: Path) -> None:
     plan = plan_for("full", tmp_path, arms=tuple(ARMS))
+    preset = get_preset("fmnist32-tiny").tokenizer_train
+    ssr, mcr, scr = preset.ssr_weight, preset.mcr_weight, preset.scr_weight
+    assert min(ssr, mcr, scr) > 0
     weights = {}
     for arm in ARMS:
         ctx = plan.context(tmp_path / arm, arm, "tokenizer", 0)
         tok = ctx.preset.tokenizer_train
         weights[arm] = (tok.ssr_weight, tok.mcr_weight, tok.scr_weight)
-        assert tok.gan_weight == 0.5 and tok.lpips_weight == 1.0  # reconstruction loss kept in every arm
+        # the reconstruction loss is the preset's in every arm
+        assert (tok.l1_weight, tok.lpips_weight, tok.gan_weight) == (
+            preset.l1_weight,
+            preset.lpips_weight,
+            preset.gan_weight,
+        )
     assert weights == {
         "baseline": (0.0, 0.0, 0.0),
-        "ssr": (0.2, 0.0, 0.0),
-        "mcr": (0.0, 0.5, 0.0),
-        "scr": (0.0, 0.0, 1.0),
-        "pae": (0.2, 0.5, 1.0),
+        "ssr": (ssr, 0.0, 0.0),
+        "mcr": (0.0, mcr, 0.0),
+        "scr": (0.0, 0.0, scr),
+        "pae": (ssr, mcr, scr),
     }
 
 
