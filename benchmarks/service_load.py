@@ -248,7 +248,7 @@ def plot(result: dict, path: Path) -> None:
             axes[row][col].legend()
     machine = result["machine"]
     fig.suptitle(
-        f"{result['model']} — {machine['cpu_count']} cores, load average at start "
+        f"{result['model']} — {machine['logical_cores']} cores, load average at start "
         f"{machine['load_average_start'][0]}",
         fontsize=9,
     )
