@@ -228,7 +228,7 @@ class DAM(nn.Module):
 class Projector(nn.Module):
     """Residual-free token mixer then a 3×3 conv down to the latent width: B×N×D → B×d×g×g.
 
-    Call `reset_mixer()` after any generic weight init (see `Attention.init_near_identity`).
+    Its owner calls `attn.init_near_identity()` after any generic weight init.
     """
 
     def __init__(self, dim: int, heads: int, latent_dim: int, grid: int) -> None:
@@ -236,9 +236,6 @@ class Projector(nn.Module):
         self.grid = grid
         self.attn = Attention(dim, heads, qkv_bias=False)
         self.conv = nn.Conv2d(dim, latent_dim, kernel_size=3, padding=1)
-
-    def reset_mixer(self) -> None:
-        self.attn.init_near_identity()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         h = self.attn(h)
@@ -248,16 +245,13 @@ class Projector(nn.Module):
 class Deprojector(nn.Module):
     """3×3 conv back to the VFM width, then a residual-free token mixer: B×d×h×w → B×(h·w)×D.
 
-    Call `reset_mixer()` after any generic weight init (see `Attention.init_near_identity`).
+    Its owner calls `attn.init_near_identity()` after any generic weight init.
     """
 
     def __init__(self, latent_dim: int, dim: int, heads: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(latent_dim, dim, kernel_size=3, padding=1)
         self.attn = Attention(dim, heads, qkv_bias=False)
-
-    def reset_mixer(self) -> None:
-        self.attn.init_near_identity()
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.attn(self.conv(z).flatten(2).transpose(1, 2))
@@ -337,8 +331,8 @@ class PAE(nn.Module):
         self.decoder = PixelDecoder(spec.dim, cfg)
         self.apply(init_weights)
         self.dam.reset_fusion()
-        self.projector.reset_mixer()
-        self.deprojector.reset_mixer()
+        self.projector.attn.init_near_identity()
+        self.deprojector.attn.init_near_identity()
 
     @property
     def vfm(self) -> FrozenVFM | None:

@@ -114,6 +114,39 @@ class LiveServer:
         self.thread.join(10)
 
 
+class RestartableStack:
+    """Its own embedded redis-server on a fixed port, one worker and one live API server, for tests
+    that stop Redis under the service and bring it back (empty) on the same address."""
+
+    def __init__(self, repository: Path, **overrides: object) -> None:
+        self.port = free_port()
+        self.store = EmbeddedRedis(port=self.port)
+        url = self.store.start()
+        settings = make_settings(repository, url, **overrides)
+        self.worker = WorkerThread(settings, url)
+        self.server = LiveServer(settings)
+
+    def restart_redis(self) -> None:
+        """Start a fresh redis-server where the stopped one was."""
+        self.store = EmbeddedRedis(port=self.port)
+        self.store.start()
+
+    def __enter__(self) -> RestartableStack:
+        self.worker.start()
+        try:
+            self.server.__enter__()
+        except BaseException:
+            self.worker.stop()
+            self.store.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.__exit__(*exc)
+        self.worker.stop()
+        self.store.stop()
+
+
 @pytest.fixture
 def live(tiny_repository: Path, clean_redis: str):
     """Factory: start an API server (and optionally an embedded worker) with settings overrides."""

@@ -374,29 +374,17 @@ def test_metrics_match_known_traffic(live) -> None:
 
 
 def test_redis_restart_is_503_then_recovers(tiny_repository: Path) -> None:
-    from service.embedded import EmbeddedRedis, WorkerThread, free_port
-    from tests.service.conftest import LiveServer, make_settings
+    from tests.service.conftest import RestartableStack
 
-    port = free_port()
-    store = EmbeddedRedis(port=port)
-    url = store.start()
-    settings = make_settings(tiny_repository, url, redis_pool_timeout_s=1.0)
-    worker = WorkerThread(settings, url)
-    worker.start()
-    try:
-        with LiveServer(settings) as server, client(server) as http:
-            request = {"class_label": 2, "seed": 3, "steps": 2}
-            first = http.post("/v1/generate", json=request)
-            assert first.status_code == 200
-            store.stop()
-            down = http.post("/v1/generate", json=request)
-            assert down.status_code == 503 and down.headers["Retry-After"] == "1"
-            assert http.get("/readyz").status_code == 503
-            store = EmbeddedRedis(port=port)  # back, but empty: groups and streams are gone
-            store.start()
-            wait_for(lambda: http.get("/readyz").status_code == 200, "readiness after the restart")
-            again = http.post("/v1/generate", json=request)
-            assert again.status_code == 200 and again.json()["images"] == first.json()["images"]
-    finally:
-        worker.stop()
-        store.stop()
+    with RestartableStack(tiny_repository, redis_pool_timeout_s=1.0) as stack, client(stack.server) as http:
+        request = {"class_label": 2, "seed": 3, "steps": 2}
+        first = http.post("/v1/generate", json=request)
+        assert first.status_code == 200
+        stack.store.stop()
+        down = http.post("/v1/generate", json=request)
+        assert down.status_code == 503 and down.headers["Retry-After"] == "1"
+        assert http.get("/readyz").status_code == 503
+        stack.restart_redis()  # back, but empty: groups and streams are gone
+        wait_for(lambda: http.get("/readyz").status_code == 200, "readiness after the restart")
+        again = http.post("/v1/generate", json=request)
+        assert again.status_code == 200 and again.json()["images"] == first.json()["images"]

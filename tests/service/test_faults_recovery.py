@@ -14,8 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from service.embedded import EmbeddedRedis, WorkerThread, free_port
-from tests.service.conftest import LiveServer, client, make_settings
+from tests.service.conftest import LiveServer, RestartableStack, client
 
 BURST = 12
 
@@ -32,26 +31,15 @@ def burst(server: LiveServer, seed: int) -> list[httpx.Response]:
 
 
 def test_no_503_from_stale_pooled_connections_after_a_redis_restart(tiny_repository: Path) -> None:
-    port = free_port()
-    store = EmbeddedRedis(port=port)
-    url = store.start()
-    settings = make_settings(tiny_repository, url, redis_pool_timeout_s=1.0)
-    worker = WorkerThread(settings, url)
-    worker.start()
-    try:
-        with LiveServer(settings) as server, client(server) as http:
-            assert [r.status_code for r in burst(server, 0)] == [200] * BURST
-            store.stop()
-            assert http.post("/v1/generate", json={"class_label": 0}).status_code == 503
-            time.sleep(1.5)  # longer than the pool's health-check interval
-            store = EmbeddedRedis(port=port)
-            store.start()
-            deadline = time.monotonic() + 20
-            while http.get("/readyz").status_code != 200:
-                assert time.monotonic() < deadline, "not ready after the restart"
-                time.sleep(0.05)
-            answers = burst(server, 100)
-            assert [r.status_code for r in answers] == [200] * BURST, [r.text for r in answers]
-    finally:
-        worker.stop()
-        store.stop()
+    with RestartableStack(tiny_repository, redis_pool_timeout_s=1.0) as stack, client(stack.server) as http:
+        assert [r.status_code for r in burst(stack.server, 0)] == [200] * BURST
+        stack.store.stop()
+        assert http.post("/v1/generate", json={"class_label": 0}).status_code == 503
+        time.sleep(1.5)  # longer than the pool's health-check interval
+        stack.restart_redis()
+        deadline = time.monotonic() + 20
+        while http.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "not ready after the restart"
+            time.sleep(0.05)
+        answers = burst(stack.server, 100)
+        assert [r.status_code for r in answers] == [200] * BURST, [r.text for r in answers]

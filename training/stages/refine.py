@@ -139,7 +139,7 @@ class RefineNet(nn.Module):
         # PAE's own init, so P_t starts like the tokenizer's projector: token magnitudes well above the
         # sphere norm's epsilon and a near-identity token mixer.
         self.apply(init_weights)
-        self.projector.reset_mixer()
+        self.projector.attn.init_near_identity()
 
     def forward(self, h_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = sphere_norm(self.projector(h_std))
