@@ -49,9 +49,10 @@ format: venv
 test: venv lint
 	$(BIN)/pytest -q
 
-# One intra-op thread: on a shared 2-core machine a 2-thread OpenMP pool stalls 10-20x whenever
-# another process takes a core (measured); TRAIN_THREADS=2 is faster only on an idle machine.
-TRAIN_THREADS ?= 1
+# Two intra-op threads use both cores of the reference machine (2.55 vs ~1.5 tokenizer steps/s, measured
+# idle). On a shared machine pass TRAIN_THREADS=1: a 2-thread OpenMP pool stalls 10-20x whenever another
+# process takes a core (measured).
+TRAIN_THREADS ?= 2
 train: venv
 	OMP_NUM_THREADS=$(TRAIN_THREADS) $(BIN)/pae-train all --preset fmnist32-tiny --out checkpoints/fmnist32-tiny --threads $(TRAIN_THREADS)
 

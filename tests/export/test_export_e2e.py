@@ -23,6 +23,7 @@ from export.repository import IntegrityError, verify_repository
 from export.samples import parity_images
 from model.flow import guided_velocity
 from model.presets import FASHION_MNIST_CLASSES
+from tests.export.conftest import tiny_preset
 
 GRAPH_FILES = [f"{g}.onnx" for g in GRAPHS] + [f"{g}.fp16.onnx" for g in GRAPHS]
 
@@ -121,12 +122,13 @@ def test_config_and_torch_files(exported: Path, tiny_checkpoint: Path) -> None:
     np.testing.assert_allclose(config["latent_mean"], stats["mean"].numpy(), rtol=1e-6)
     np.testing.assert_allclose(config["latent_std"], stats["std"].numpy(), rtol=1e-6)
     assert config["class_names"] == list(FASHION_MNIST_CLASSES) and config["null_class"] == 10
+    sampler = tiny_preset().sampler
     assert config["sampler"] == {
-        "sampler": "euler",
-        "steps": 25,
-        "shift": 0.4,
-        "cfg_scale": 2.0,
-        "cfg_interval": [0.25, 1.0],
+        "sampler": sampler.sampler,
+        "steps": sampler.steps,
+        "shift": sampler.shift,
+        "cfg_scale": sampler.cfg_scale,
+        "cfg_interval": list(sampler.cfg_interval),
     }
     assert (
         config["graphs"]["dit"]["file"] == "dit.onnx"
