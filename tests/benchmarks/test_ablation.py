@@ -349,4 +349,4 @@ def test_micro_budget_end_to_end(tmp_path: Path) -> None:
             assert again["arms"][arm][key] == entry[key]
     assert again["few_step"] == report["few_step"]
     with pytest.raises(SystemExit, match="other settings"):
-        main([*argv, "--set", "dit.lr=1e-3"])
+        main([*argv, "--set", "dit.lr=7e-4"])

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model.presets import get_preset
 from training.checkpoint import load_tensors, read_json, resume_step
 from training.cli import main
 from training.data import mnist5k_csv_path
@@ -165,7 +166,8 @@ def test_all_skips_done_stages_and_ships_the_layout(trained: Path, tiny_csv: Pat
 
 def test_changed_settings_invalidate_a_stage(trained: Path, tiny_csv: Path, cache_dir: Path) -> None:
     assert make_ctx(trained, tiny_csv, cache_dir, "dit").is_done("dit")
-    assert not make_ctx(trained, tiny_csv, cache_dir, "dit", {"dit.lr": "1e-3"}).is_done("dit")
+    other_lr = str(2 * get_preset("fmnist32-tiny").dit_train.lr)
+    assert not make_ctx(trained, tiny_csv, cache_dir, "dit", {"dit.lr": other_lr}).is_done("dit")
     assert not make_ctx(trained, tiny_csv, cache_dir, "dit", force=True).is_done("dit")
 
 
@@ -229,9 +231,9 @@ def test_dit_resume_matches_an_uninterrupted_run(
 
 def test_overrides_route_to_their_sections(tmp_path: Path) -> None:
     ctx = resolve_context(
-        "fmnist32-tiny", tmp_path, {"steps": "7", "dit.lr": "1e-3", "pae.latent_dim": "8"}, "tokenizer", CPU1
+        "fmnist32-tiny", tmp_path, {"steps": "7", "dit.lr": "3e-4", "pae.latent_dim": "8"}, "tokenizer", CPU1
     )
-    assert ctx.preset.tokenizer_train.steps == 7 and ctx.preset.dit_train.lr == 1e-3
+    assert ctx.preset.tokenizer_train.steps == 7 and ctx.preset.dit_train.lr == 3e-4
     assert ctx.preset.pae.latent_dim == 8 and ctx.preset.dit.in_channels == 8, "DiT follows the latent width"
     with pytest.raises(ValueError, match="prefix the key"):
         resolve_context("fmnist32-tiny", tmp_path, {"steps": "7"}, "all", CPU1)
