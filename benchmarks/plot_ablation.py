@@ -74,6 +74,12 @@ def render_table(report: dict[str, Any]) -> str:
         f"{fd['sampler']['sampler']} {fd['sampler']['steps']} steps, CFG {fd['sampler']['cfg_scale']}. "
         f"rFD: same network, reconstructions vs originals. Seeds per arm: {seeds} (mean ± sample std).",
     ]
+    floor = fd.get("real_floor") or {}
+    if floor.get("fd") is not None:
+        lines[-1] += (
+            f" Real-data floor: {fd['num_samples']} held-out real images ({floor['images']}) score "
+            f"gFD {floor['fd']:.2f} under the same protocol."
+        )
     return "\n".join(lines)
 
 
@@ -132,6 +138,10 @@ def plot_curves(report: dict[str, Any], path: str | Path) -> None:
             report["budget"]["dit_steps"] / 4, color="grey", ls="--", lw=1, label="1/4 of DiT steps"
         )
     fd = report["budget"]["fd"]
+    floor = (fd.get("real_floor") or {}).get("fd")
+    if floor is not None:
+        for ax in (ax_curve, ax_few):
+            ax.axhline(floor, color="black", ls="-.", lw=1, label="real-data floor")
     ylabel = f"FD ({fd['network']}, {fd['num_samples']} samples)"
     ax_curve.set(xlabel="DiT training steps", ylabel=ylabel, title="Generator convergence")
     ax_few.set(

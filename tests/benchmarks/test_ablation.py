@@ -25,6 +25,7 @@ from benchmarks.ablation import (
     finite_json,
     main,
     reference_stats,
+    write_report,
 )
 from benchmarks.plot_ablation import plot_curves, render_claims, render_table
 from model.presets import get_preset
@@ -94,6 +95,18 @@ def test_budget_without_curve_points_is_refused() -> None:
         budget_sets(bad, get_preset("fmnist32-tiny"))
 
 
+def test_dit_long_trains_quicks_tokenizers_with_the_full_dit_budget() -> None:
+    preset = get_preset("fmnist32-tiny")
+    quick = budget_sets(BUDGETS["quick"], preset)
+    long = budget_sets(BUDGETS["dit-long"], preset)
+    tokenizer_keys = [k for k in quick if k.startswith("tokenizer.")]
+    assert {k: long[k] for k in tokenizer_keys} == {k: quick[k] for k in tokenizer_keys}
+    assert int(long["dit.steps"]) == preset.dit_train.steps == 4 * int(quick["dit.steps"])
+    assert long["dit.warmup_steps"] == str(preset.dit_train.warmup_steps)
+    assert int(long["dit.ckpt_every"]) == preset.dit_train.steps // 4
+    assert BUDGETS["dit-long"].results_name != BUDGETS["quick"].results_name
+
+
 def test_arms_differ_only_in_their_loss_weights(tmp_path: Path) -> None:
     plan = plan_for("full", tmp_path, arms=tuple(ARMS))
     preset = get_preset("fmnist32-tiny").tokenizer_train
@@ -142,6 +155,7 @@ def test_extra_seeds_train_only_the_seeded_arms(tmp_path: Path) -> None:
         (["--set", "steps=3"], "prefix the key"),
         (["--set", "tokenizer.nonsense=1"], "nonsense"),
         (["--threads", "0"], "threads"),
+        (["--results-name", "../elsewhere"], "results-name"),
     ],
 )
 def test_bad_arguments_fail_before_training(tmp_path: Path, argv: list[str], message: str) -> None:
@@ -225,12 +239,26 @@ def test_claims_fail_or_stay_open_honestly() -> None:
         assert claims[key]["pass"] is None and "not measured" in claims[key]["note"]
 
 
+def test_fd_claim_reports_the_excess_over_the_real_floor_but_judges_raw_fds() -> None:
+    arms, few = combine({"baseline": {0: fake_run(1.0)}, "pae": {0: fake_run(1.25)}})
+    claims = evaluate_claims(arms, few, dit_steps=600, floor=20.0)
+    compared = claims["gen_fd_halved"]["compared"]
+    # FDs 32 and 40 over a floor of 20: raw ratio 0.8, excess ratio 12 / 20 = 0.6.
+    assert compared["ratio"] == pytest.approx(0.8) and compared["excess_ratio"] == pytest.approx(0.6)
+    assert compared["real_floor"] == 20.0 and claims["gen_fd_halved"]["pass"] is False
+    assert "excess_ratio" not in evaluate_claims(arms, few, dit_steps=600)["gen_fd_halved"]["compared"]
+
+
 def test_missing_or_non_finite_values_never_pass_or_break_the_json() -> None:
     arms, few = combine({"baseline": {0: fake_run(1.0)}, "pae": {0: fake_run(2.0)}})
     arms["baseline"]["gen"]["fd"] = None
     few["pae"]["100"] = 0.0
     claims = evaluate_claims(arms, few, dit_steps=600)
     assert claims["gen_fd_halved"]["pass"] is None and claims["few_step_15_vs_100"]["pass"] is None
+    # A budget that skips few-step FD (dit-long) leaves that claim open, saying why.
+    arms, few = combine({"baseline": {0: fake_run(1.0)}, "pae": {0: fake_run(2.0, few=False)}})
+    open_claim = evaluate_claims(arms, few, dit_steps=600)["few_step_15_vs_100"]
+    assert open_claim["pass"] is None and "15 and 100 sampler steps" in open_claim["note"]
     cleaned = finite_json({"a": [1.0, math.inf], "b": {"c": math.nan}})
     assert json.loads(json.dumps(cleaned, allow_nan=False)) == {"a": [1.0, None], "b": {"c": None}}
 
@@ -251,6 +279,7 @@ def test_table_claims_and_plot_render(tmp_path: Path) -> None:
                 "seed": 0,
                 "reference": {"split": "test", "num_samples": 500},
                 "sampler": {"sampler": "euler", "steps": 25, "cfg_scale": 2.0},
+                "real_floor": {"fd": 24.5, "images": "test[500:750]"},
             },
         },
         "arms": arms,
@@ -264,10 +293,15 @@ def test_table_claims_and_plot_render(tmp_path: Path) -> None:
     baseline_row = next(line for line in table if line.startswith("| none"))
     assert "36.67 ± 4.71" in baseline_row  # gFD mean ± sample std of 40 and 33.3
     assert table[3].startswith("| SSR + MCR + SCR (PAE) | ✓ | ✓ | ✓ |")
+    assert "held-out real images (test[500:750]) score gFD 24.50" in table[-1]
     claims = render_claims(report)
     assert "[PASS] gen_fd_halved" in claims and "[n/a ] ssr_raises_ssc" in claims
     plot_curves(report, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # An investigation keeps its own report next to the published one.
+    (written,) = write_report(report, [tmp_path], "ablation_d32")
+    assert written == tmp_path / "ablation_d32.json" and (tmp_path / "ablation_d32.png").is_file()
+    assert json.loads(written.read_text())["arms"]["pae"]["gen"]["fd"] == pytest.approx(16.0)
 
 
 # --- the real pipeline, end to end ---------------------------------------------------------------
@@ -303,6 +337,10 @@ def test_micro_budget_end_to_end(tmp_path: Path) -> None:
     assert set(report) >= {"machine", "budget", "arms", "few_step", "claims"}
     assert report["budget"]["fd"]["num_samples"] == 4 and report["budget"]["fd"]["seed"] == 0
     assert report["budget"]["fd"]["network"] == "efficientnet-lite2"
+    # The floor: the 4 test images after the 8 of the reference, scored like a generator.
+    floor = report["budget"]["fd"]["real_floor"]
+    assert floor["images"] == "test[8:12]" and math.isfinite(floor["fd"]) and floor["fd"] > 0
+    assert report["claims"]["gen_fd_halved"]["compared"]["real_floor"] == floor["fd"]
     assert set(report["arms"]) == {"baseline", "pae"}
     for arm, entry in report["arms"].items():
         assert set(entry["recon"]) == {"psnr", "rfd"}
