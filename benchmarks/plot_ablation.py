@@ -22,6 +22,8 @@ ARM_LABELS = {
     "scr": "SCR only",
     "pae": "SSR + MCR + SCR (PAE)",
 }
+# One colour per arm in both panels (matplotlib's default cycle, in arm order).
+ARM_COLORS = {"baseline": "C0", "ssr": "C1", "mcr": "C2", "scr": "C3", "pae": "C4"}
 ARM_TERMS = {"baseline": (), "ssr": ("ssr",), "mcr": ("mcr",), "scr": ("scr",), "pae": ("ssr", "mcr", "scr")}
 # (header, group, key, decimals); the arrows say which way is better.
 COLUMNS = (
@@ -119,14 +121,22 @@ def plot_curves(report: dict[str, Any], path: str | Path) -> None:
         steps = [p[0] for p in curve]
         means, stds = zip(*(_mean_std(p[1]) for p in curve), strict=True)
         errs = None if all(s is None for s in stds) else [s or 0.0 for s in stds]
-        ax_curve.errorbar(steps, means, yerr=errs, marker="o", capsize=3, label=ARM_LABELS[arm])
+        ax_curve.errorbar(
+            steps, means, yerr=errs, marker="o", capsize=3, color=ARM_COLORS[arm], label=ARM_LABELS[arm]
+        )
         few = report["few_step"].get(arm, {})
         if few:
             xs = sorted(few, key=int)
             few_means, few_stds = zip(*(_mean_std(few[s]) for s in xs), strict=True)
             few_errs = None if all(s is None for s in few_stds) else [s or 0.0 for s in few_stds]
             ax_few.errorbar(
-                [int(s) for s in xs], few_means, yerr=few_errs, marker="o", capsize=3, label=ARM_LABELS[arm]
+                [int(s) for s in xs],
+                few_means,
+                yerr=few_errs,
+                marker="o",
+                capsize=3,
+                color=ARM_COLORS[arm],
+                label=ARM_LABELS[arm],
             )
     base = report["arms"].get("baseline")
     if base:
@@ -139,8 +149,11 @@ def plot_curves(report: dict[str, Any], path: str | Path) -> None:
         )
     fd = report["budget"]["fd"]
     floor = (fd.get("real_floor") or {}).get("fd")
+    measured_few = any(report["few_step"].get(arm) for arm in report["arms"])
+    if not measured_few:
+        ax_few.text(0.5, 0.5, "not measured in this budget", ha="center", transform=ax_few.transAxes)
     if floor is not None:
-        for ax in (ax_curve, ax_few):
+        for ax in (ax_curve, ax_few) if measured_few else (ax_curve,):
             ax.axhline(floor, color="black", ls="-.", lw=1, label="real-data floor")
     ylabel = f"FD ({fd['network']}, {fd['num_samples']} samples)"
     ax_curve.set(xlabel="DiT training steps", ylabel=ylabel, title="Generator convergence")
@@ -149,7 +162,8 @@ def plot_curves(report: dict[str, Any], path: str | Path) -> None:
     )
     for ax in (ax_curve, ax_few):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle(f"PAE ablation, budget '{report['budget']['name']}' ({report['budget']['dataset']})")
     fig.tight_layout()
     path = Path(path)
