@@ -426,11 +426,14 @@ def _copy_if_changed(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def share_refine(plan: Plan, seed: int, directory: Path) -> None:
+def share_refine(plan: Plan, seed: int, directory: Path) -> bool:
     """Run `refine` once per seed in `<out>/seed<s>/refine` and hand its record and P_t/Q_t weights
-    to the arm directory, so every arm that reads refined targets reads the very same ones."""
+    to the arm directory, so every arm that reads refined targets reads the very same ones.
+    Returns whether refine ran now (False: an earlier arm or invocation ran it)."""
     source = plan.out / f"seed{seed}" / "refine"
-    run_stage(plan.context(source, "pae", "refine", seed), "refine")
+    refine_ctx = plan.context(source, "pae", "refine", seed)
+    ran = not refine_ctx.is_done("refine")
+    run_stage(refine_ctx, "refine")
     record = read_json(source / "config.json")["stages"]["refine"]
     directory.mkdir(parents=True, exist_ok=True)
     _copy_if_changed(source / assets.REFINE_FILE, directory / assets.REFINE_FILE)
@@ -438,6 +441,7 @@ def share_refine(plan: Plan, seed: int, directory: Path) -> None:
     current = read_json(config).get("stages", {}).get("refine") if config.is_file() else None
     if current != record:
         update_json(config, {"stages": {"refine": record}})
+    return ran
 
 
 def _load_arm_state(directory: Path, settings: dict[str, Any]) -> dict[str, Any]:
@@ -467,15 +471,21 @@ def run_arm(plan: Plan, seed: int, arm: str, probe_for: Any) -> dict[str, Any]:
         state["wall_s"][key] = state["wall_s"].get(key, 0.0) + time.perf_counter() - started
         save()
 
+    def run_timed(stage_ctx: StageContext, stage: str) -> None:
+        """Run (or skip) a stage; only a stage that really runs adds to the arm's cost."""
+        skipped = stage_ctx.is_done(stage)
+        t0 = time.perf_counter()
+        run_stage(stage_ctx, stage)
+        if not skipped:
+            timed(stage, t0)
+
     ctx = plan.context(directory, arm, "tokenizer", seed)
     if needs_refine(ctx):
         t0 = time.perf_counter()
-        share_refine(plan, seed, directory)
-        timed("refine", t0)
+        if share_refine(plan, seed, directory):
+            timed("refine", t0)
     for stage in ("tokenizer", "latents"):
-        t0 = time.perf_counter()
-        run_stage(plan.context(directory, arm, stage, seed), stage)
-        timed(stage, t0)
+        run_timed(plan.context(directory, arm, stage, seed), stage)
 
     dit_ctx = plan.context(directory, arm, "dit", seed)
     total = dit_ctx.preset.dit_train.steps
@@ -500,17 +510,13 @@ def run_arm(plan: Plan, seed: int, arm: str, probe_for: Any) -> dict[str, Any]:
         state["curve"][str(stop)] = probe(ema_dit_at_resume(dit_ctx), pae, dit_ctx.preset.sampler, mean, std)
         _say(f"seed {seed} {arm}: DiT step {stop}: FD {state['curve'][str(stop)]:.4g}")
         timed("curve_fd", t0)
-    t0 = time.perf_counter()
-    run_stage(dit_ctx, "dit")
-    timed("dit", t0)
+    run_timed(dit_ctx, "dit")
 
     eval_ctx = plan.context(directory, arm, "eval", seed)
     shared_classifier = plan.out / assets.CLASSIFIER_FILE
     if shared_classifier.is_file():
         _copy_if_changed(shared_classifier, directory / assets.CLASSIFIER_FILE)
-    t0 = time.perf_counter()
-    run_stage(eval_ctx, "eval")
-    timed("eval", t0)
+    run_timed(eval_ctx, "eval")
     if not shared_classifier.is_file() and (directory / assets.CLASSIFIER_FILE).is_file():
         shutil.copyfile(directory / assets.CLASSIFIER_FILE, shared_classifier)
     metrics = read_json(directory / METRICS_FILE)
@@ -788,7 +794,12 @@ def run(plan: Plan, threads: int) -> dict[str, Any]:
     report["few_step"] = few
     report["claims"] = evaluate_claims(arms, few, p.dit_train.steps, floor["fd"])
     report["machine"]["load_average_end"] = list(os.getloadavg())
+    # `wall_s` is this invocation only (a resumed run skips what is done); `arms_wall_s` is what
+    # training and measuring every arm cost, summed over all the invocations that built them.
     report["wall_s"] = time.perf_counter() - started
+    report["arms_wall_s"] = sum(
+        sum(r["wall_s"].values()) for runs in per_seed.values() for r in runs.values()
+    )
     return report
 
 

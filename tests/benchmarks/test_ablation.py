@@ -386,5 +386,8 @@ def test_micro_budget_end_to_end(tmp_path: Path) -> None:
         for key in ("recon", "latent", "gen", "curve"):
             assert again["arms"][arm][key] == entry[key]
     assert again["few_step"] == report["few_step"]
+    # The arms' cost is kept across invocations; the resumed invocation itself trained nothing.
+    assert again["arms_wall_s"] == pytest.approx(report["arms_wall_s"]) and report["arms_wall_s"] > 0
+    assert again["wall_s"] < report["wall_s"]
     with pytest.raises(SystemExit, match="other settings"):
         main([*argv, "--set", "dit.lr=7e-4"])
