@@ -71,6 +71,7 @@ from training.checkpoint import (
     update_json,
     write_json,
 )
+from training.data import LabeledImages
 from training.distributed import DistEnv, init_distributed
 from training.metrics.frechet import EfficientNetLite2Features, GaussianStats, frechet_distance_from_stats
 from training.stages import assets
@@ -336,11 +337,15 @@ class FDProbe:
 
 
 def _real_features(
-    ctx: StageContext, network: EfficientNetLite2Features, start: int, count: int, cache_file: Path
+    ctx: StageContext,
+    data: LabeledImages,
+    network: EfficientNetLite2Features,
+    start: int,
+    count: int,
+    cache_file: Path,
 ) -> GaussianStats:
-    """Statistics of evaluation images `start … start + count`, their features cached as safetensors
-    in `cache_file` so a resumed or repeated run does not recompute them."""
-    data = assets.dataset(ctx, ctx.eval.split)
+    """Statistics of evaluation images `start … start + count` of `data` (the evaluation split), their
+    features cached as safetensors in `cache_file` so a resumed or repeated run does not recompute them."""
     meta = {
         "dataset": ctx.preset.dataset,
         "data_root": str(ctx.data_root),
@@ -368,16 +373,17 @@ def _real_features(
     return stats
 
 
-def reference_count(ctx: StageContext) -> int:
-    """How many evaluation images form the real reference set (the eval stage's `fd_samples`)."""
-    available = len(assets.dataset(ctx, ctx.eval.split))
+def reference_count(ctx: StageContext, available: int) -> int:
+    """How many of the `available` evaluation images form the real reference set (the eval stage's
+    `fd_samples`)."""
     count = available if ctx.eval.num_recon == 0 else min(ctx.eval.num_recon, available)
     return count if ctx.eval.fd_samples == 0 else min(ctx.eval.fd_samples, count)
 
 
 def reference_stats(ctx: StageContext, network: EfficientNetLite2Features, cache_file: Path) -> GaussianStats:
     """The eval stage's real set: the first `reference_count` evaluation images."""
-    return _real_features(ctx, network, 0, reference_count(ctx), cache_file)
+    data = assets.dataset(ctx, ctx.eval.split)
+    return _real_features(ctx, data, network, 0, reference_count(ctx, len(data)), cache_file)
 
 
 def real_floor(probe: FDProbe, ctx: StageContext, directory: Path) -> dict[str, Any]:
@@ -388,12 +394,13 @@ def real_floor(probe: FDProbe, ctx: StageContext, directory: Path) -> dict[str, 
     arm's FD over it is the part a better latent can remove. The images are the evaluation split's
     next `num_samples` after the reference set (disjoint from it); None where the split is too small.
     """
-    start, count = reference_count(ctx), probe.num_samples
+    data = assets.dataset(ctx, ctx.eval.split)
+    start, count = reference_count(ctx, len(data)), probe.num_samples
     images = f"{ctx.eval.split}[{start}:{start + count}]"
-    if start + count > len(assets.dataset(ctx, ctx.eval.split)):
+    if start + count > len(data):
         return {"fd": None, "images": images, "note": "the evaluation split has too few images"}
     cache = directory / f"floor_{ctx.eval.split}_{start}_{count}.safetensors"
-    stats = _real_features(ctx, probe.network, start, count, cache)
+    stats = _real_features(ctx, data, probe.network, start, count, cache)
     fd = float(frechet_distance_from_stats(stats, probe.reference, probe.network.name)["fd"])
     return {"fd": fd, "images": images}
 
