@@ -10,8 +10,9 @@ arms (`--set tokenizer.<term>_weight=0`), so every difference in the numbers com
 
 What is shared, because it does not depend on the arm: the frozen VFM's feature cache (`--cache`,
 the pipeline's default, so a finished `make train` already holds it), the refined targets of one
-`refine` run per seed (copied into each arm that reads them), the conditional-accuracy classifier,
-and the reference statistics of the real images for the Fréchet distance.
+`refine` run per seed (copied into each arm that reads them), the conditional-accuracy classifier
+(the preset's committed one where the run uses the preset's data: `shipped_classifier`), and the
+reference statistics of the real images for the Fréchet distance.
 
 Generation FD follows the eval stage's protocol exactly — `gen_samples` class-balanced samples, image
 i from seed `gen_seed + i`, the preset's sampler, EfficientNet-Lite2 features against the first
@@ -90,6 +91,7 @@ ARMS: dict[str, dict[str, str]] = {
 FEW_STEPS = (5, 10, 15, 25, 50, 100)
 FD_NETWORK = "efficientnet-lite2"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+CHECKPOINTS_DIR = Path(__file__).resolve().parents[1] / "checkpoints"
 ARM_FILE = "ablation_arm.json"
 
 
@@ -104,7 +106,7 @@ class Budget:
     Step counts are the preset's times `*_scale` (so the budgets follow the preset when it changes),
     or the absolute `*_steps` when given. Tokenizer and DiT schedules (warmup, GAN and discriminator
     start) scale with the step count, so a shorter run keeps the preset's schedule shape. FD is
-    measured every `DiT steps // curve_points` steps and at the end. `seeded_arms` train at every
+    measured at `curve_stops` and at the end. `seeded_arms` train at every
     seed, the other arms at the first seed only; few-step FD is measured on `few_step_arms` (None:
     every arm). `sets` are further `--set` overrides (for `micro`, the tiny shapes).
     """
@@ -234,6 +236,13 @@ def budget_sets(budget: Budget, preset: Preset) -> dict[str, str]:
         sets["data.train_per_class"] = str(budget.train_per_class)
     sets.update(dict(budget.sets))
     return sets
+
+
+def curve_stops(total: int, points: int) -> list[int]:
+    """The DiT steps before the end where FD is measured: k·total // points for k = 1 … points − 1.
+    The last of the `points` is the end itself (the eval stage's measurement), so no point lands a
+    step before it, as `range(total // points, total, total // points)` would when points ∤ total."""
+    return sorted({k * total // points for k in range(1, points)} - {0})
 
 
 def needs_refine(ctx: StageContext) -> bool:
@@ -451,6 +460,21 @@ def share_refine(plan: Plan, seed: int, directory: Path) -> bool:
     return ran
 
 
+def shipped_classifier(plan: Plan) -> Path | None:
+    """The preset's committed conditional-accuracy judge, when this run's eval would train the same
+    one: the preset's own data and classifier settings. The eval stage trains it from a fixed seed on
+    the training split (~150 s on 2 cores), and the one it trained for the quick run at 2 threads is
+    byte-identical to the committed file, so reusing it saves that time and makes `cond_acc` the
+    default model's judge. None for another dataset, data root or `data.*` / `eval.classifier_*` set."""
+    if plan.dataset or plan.budget.dataset or plan.data_root:
+        return None
+    keys = [*dict(plan.budget.sets), *plan.extra_sets]
+    if any(k.startswith(("data.", "eval.classifier_")) for k in keys):
+        return None
+    path = CHECKPOINTS_DIR / plan.preset / assets.CLASSIFIER_FILE
+    return path if path.is_file() else None
+
+
 def _load_arm_state(directory: Path, settings: dict[str, Any]) -> dict[str, Any]:
     path = directory / ARM_FILE
     if not path.is_file():
@@ -496,9 +520,8 @@ def run_arm(plan: Plan, seed: int, arm: str, probe_for: Any) -> dict[str, Any]:
 
     dit_ctx = plan.context(directory, arm, "dit", seed)
     total = dit_ctx.preset.dit_train.steps
-    interval = dit_ctx.preset.dit_train.ckpt_every
     probe: FDProbe = probe_for(dit_ctx)
-    for stop in range(interval, total, interval):
+    for stop in curve_stops(total, plan.budget.curve_points):
         if str(stop) in state["curve"]:
             continue
         if dit_ctx.is_done("dit") or (resume_step(directory, "dit") or 0) > stop:
@@ -765,6 +788,10 @@ def run(plan: Plan, threads: int) -> dict[str, Any]:
             probes.append(FDProbe(network, reference_stats(ctx, network, cache), ctx))
         return probes[0]
 
+    shared_classifier = plan.out / assets.CLASSIFIER_FILE
+    shipped = shipped_classifier(plan)
+    if shipped is not None and not shared_classifier.is_file():
+        shutil.copyfile(shipped, shared_classifier)
     per_seed: dict[str, dict[int, dict[str, Any]]] = {}
     for seed, arm in plan.runs():
         _say(f"seed {seed}, arm {arm}: training and measuring in {plan.arm_dir(seed, arm)}")
@@ -783,7 +810,7 @@ def run(plan: Plan, threads: int) -> dict[str, Any]:
         "refine_steps": p.tokenizer_train.refine_steps,
         "tokenizer_steps": p.tokenizer_train.steps,
         "dit_steps": p.dit_train.steps,
-        "curve_every": p.dit_train.ckpt_every,
+        "curve_steps": [*curve_stops(p.dit_train.steps, plan.budget.curve_points), p.dit_train.steps],
         "seeds": {arm: sorted(per_seed[arm]) for arm in per_seed},
         "loss_weights": {arm: _loss_weights(plan, arm) for arm in plan.arms},
         "fd": {
@@ -796,6 +823,9 @@ def run(plan: Plan, threads: int) -> dict[str, Any]:
             "real_floor": floor,
         },
         "extra_sets": plan.extra_sets,
+        "classifier": str(shipped.relative_to(CHECKPOINTS_DIR.parent))
+        if shipped is not None and shared_classifier.read_bytes() == shipped.read_bytes()
+        else "trained by the first arm's eval stage",
     }
     report["arms"] = arms
     report["few_step"] = few

@@ -164,7 +164,11 @@ def plot_curves(report: dict[str, Any], path: str | Path) -> None:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.suptitle(f"PAE ablation, budget '{report['budget']['name']}' ({report['budget']['dataset']})")
+    budget = report["budget"]
+    changed = ", ".join(f"{k}={v}" for k, v in budget.get("extra_sets", {}).items())
+    fig.suptitle(
+        f"PAE ablation, budget '{budget['name']}' ({budget['dataset']})" + (f"; {changed}" if changed else "")
+    )
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,10 +21,12 @@ from benchmarks.ablation import (
     aggregate,
     budget_sets,
     combine,
+    curve_stops,
     evaluate_claims,
     finite_json,
     main,
     reference_stats,
+    shipped_classifier,
     write_report,
 )
 from benchmarks.plot_ablation import plot_curves, render_claims, render_table
@@ -93,6 +95,39 @@ def test_budget_without_curve_points_is_refused() -> None:
     )
     with pytest.raises(ValueError, match="curve_points must be >= 1"):
         budget_sets(bad, get_preset("fmnist32-tiny"))
+
+
+@pytest.mark.parametrize(
+    ("total", "points", "stops"),
+    [
+        (625, 4, [156, 312, 468]),  # not 624: the end (625) is the eval stage's own point
+        (2500, 7, [357, 714, 1071, 1428, 1785, 2142]),
+        (2500, 4, [625, 1250, 1875]),
+        (4, 2, [2]),
+        (3, 4, [1, 2]),
+        (10, 1, []),
+    ],
+)
+def test_curve_points_split_the_dit_run_evenly_and_end_at_its_end(
+    total: int, points: int, stops: list[int]
+) -> None:
+    assert curve_stops(total, points) == stops
+
+
+def test_the_committed_classifier_judges_only_runs_on_the_presets_own_data(tmp_path: Path) -> None:
+    shipped = Path(__file__).resolve().parents[2] / "checkpoints" / "fmnist32-tiny" / "classifier.safetensors"
+    assert shipped_classifier(plan_for("quick", tmp_path)) == shipped
+    assert shipped_classifier(plan_for("micro", tmp_path)) is None  # MNIST-5k: another judge
+    for key in ("data.train_per_class", "eval.classifier_steps"):
+        plan = plan_for("quick", tmp_path)
+        plan.extra_sets = {key: "100"}
+        assert shipped_classifier(plan) is None, key
+    plan = plan_for("quick", tmp_path)
+    plan.data_root = str(tmp_path)
+    assert shipped_classifier(plan) is None
+    plan = plan_for("quick", tmp_path)
+    plan.extra_sets = {"pae.latent_dim": "32"}  # the tokenizer's width does not change the judge
+    assert shipped_classifier(plan) == shipped
 
 
 def test_dit_long_trains_quicks_tokenizers_with_the_full_dit_budget() -> None:

@@ -71,23 +71,35 @@ def test_concurrent_jobs_fill_one_batch_within_max_wait(
     assert sample("pae_batch_size_sum", {"task": "decode"}) - total == 5
 
 
-def test_the_fill_wait_is_not_rounded_up_to_redis_ticks(
+def test_the_fill_wait_polls_with_non_blocking_reads(
     clean_redis: str, tiny_repository: Path, runtime: OnnxRuntime
 ) -> None:
-    """Ten 10 ms fill waits on an empty queue take about 100 ms; as `BLOCK 10` reads they took
-    about 50 ms each on average (Redis's default hz of 10), so well over 400 ms."""
+    """Redis times out a blocked XREADGROUP only on its `hz` tick (every 100 ms by default), so a
+    10 ms fill wait made of `BLOCK 10` reads would really last up to 100 ms. The fill must poll with
+    non-blocking reads until its own deadline: checked on the reads it issues, not on wall time, so
+    a loaded machine cannot fail it."""
 
-    async def scenario() -> float:
+    async def scenario() -> tuple[list[int | None], float]:
         async with Harness(
             clean_redis, tiny_repository, runtime, max_wait_ms={"encode": 2, "decode": 10, "generate": 2}
         ) as h:
             worker = await h.start_worker()
-            start = time.perf_counter()
-            for _ in range(10):
-                await worker._fill("decode", [], 8)
-            return time.perf_counter() - start
+            me, blocks = asyncio.current_task(), []
+            real_read = worker.broker.read
 
-    assert asyncio.run(scenario()) < 0.4
+            async def spy(task: str, count: int, block_ms: int | None) -> list:
+                if asyncio.current_task() is me:  # the fill's reads, not the worker loop's
+                    blocks.append(block_ms)
+                return await real_read(task, count, block_ms)
+
+            worker.broker.read = spy
+            start = time.monotonic()
+            await worker._fill("decode", [], 8)
+            return blocks, time.monotonic() - start
+
+    blocks, waited = asyncio.run(scenario())
+    assert blocks and all(block is None for block in blocks)
+    assert waited >= 0.010  # it waited out its whole max wait for a batch to form
 
 
 class SlowDecode:
