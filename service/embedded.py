@@ -165,8 +165,16 @@ class WorkerThread:
             self.error = exc
             log.exception("embedded worker stopped with an error")
 
-    def stop(self, timeout_s: float = 10.0) -> None:
+    def stop(self, timeout_s: float = 10.0) -> bool:
+        """Ask the worker to finish its batch and deregister; whether its thread ended in time.
+
+        A worker still running after `timeout_s` keeps heartbeating, so it stays listed as ready."""
         if self.worker is not None:
             self.worker.stop()
-        if self.thread is not None:
-            self.thread.join(timeout_s)
+        if self.thread is None:
+            return True
+        self.thread.join(timeout_s)
+        if self.thread.is_alive():
+            log.warning("the embedded worker did not stop within %.0f s", timeout_s)
+            return False
+        return True

@@ -168,7 +168,8 @@ def live(tiny_repository: Path, clean_redis: str):
         if isinstance(item, LiveServer):
             item.__exit__(None, None, None)
         else:
-            item.stop()
+            # A worker left running would heartbeat into the next test's Redis and count as its worker.
+            assert item.stop(timeout_s=60.0), "an embedded worker did not stop"
 
 
 def sample(name: str, labels: dict[str, str] | None = None) -> float:
