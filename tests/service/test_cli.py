@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 import redis
 
 from service.cli import ensure_default_model
-from service.embedded import free_port
+from service.embedded import WorkerThread, free_port
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,3 +69,16 @@ def test_a_missing_non_default_model_is_an_error(tmp_path: Path) -> None:
     settings = Settings(model_repository=tmp_path, model_name="elsewhere")
     with pytest.raises(SystemExit, match="not in"):
         ensure_default_model(settings)
+
+
+def test_stopping_an_embedded_worker_reports_one_that_outlives_the_timeout(tiny_repository: Path) -> None:
+    """A worker thread still running after `stop` keeps heartbeating; `stop` must say so."""
+    never_started = WorkerThread(Settings(model_repository=tiny_repository), "redis://127.0.0.1:1/0")
+    assert never_started.stop(timeout_s=0.01)
+    release = threading.Event()
+    stuck = WorkerThread(Settings(model_repository=tiny_repository), "redis://127.0.0.1:1/0")
+    stuck.thread = threading.Thread(target=release.wait, daemon=True)
+    stuck.thread.start()
+    assert not stuck.stop(timeout_s=0.05)
+    release.set()
+    assert stuck.stop(timeout_s=5.0)
