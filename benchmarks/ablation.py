@@ -281,6 +281,11 @@ class Plan:
     def arm_dir(self, seed: int, arm: str) -> Path:
         return self.out / f"seed{seed}" / arm
 
+    @property
+    def classifier(self) -> Path:
+        """The conditional-accuracy classifier every arm is judged by (copied into each arm)."""
+        return self.out / assets.CLASSIFIER_FILE
+
     def context(
         self, directory: Path, arm: str, stage: str, seed: int, stop_at: int | None = None
     ) -> StageContext:
@@ -543,12 +548,11 @@ def run_arm(plan: Plan, seed: int, arm: str, probe_for: Any) -> dict[str, Any]:
     run_timed(dit_ctx, "dit")
 
     eval_ctx = plan.context(directory, arm, "eval", seed)
-    shared_classifier = plan.out / assets.CLASSIFIER_FILE
-    if shared_classifier.is_file():
-        _copy_if_changed(shared_classifier, directory / assets.CLASSIFIER_FILE)
+    if plan.classifier.is_file():
+        _copy_if_changed(plan.classifier, directory / assets.CLASSIFIER_FILE)
     run_timed(eval_ctx, "eval")
-    if not shared_classifier.is_file() and (directory / assets.CLASSIFIER_FILE).is_file():
-        shutil.copyfile(directory / assets.CLASSIFIER_FILE, shared_classifier)
+    if not plan.classifier.is_file() and (directory / assets.CLASSIFIER_FILE).is_file():
+        shutil.copyfile(directory / assets.CLASSIFIER_FILE, plan.classifier)
     metrics = read_json(directory / METRICS_FILE)
     gen = metrics["gen"]
     if gen["num_samples"] != probe.num_samples or gen["seed"] != probe.seed:
@@ -788,10 +792,9 @@ def run(plan: Plan, threads: int) -> dict[str, Any]:
             probes.append(FDProbe(network, reference_stats(ctx, network, cache), ctx))
         return probes[0]
 
-    shared_classifier = plan.out / assets.CLASSIFIER_FILE
     shipped = shipped_classifier(plan)
-    if shipped is not None and not shared_classifier.is_file():
-        shutil.copyfile(shipped, shared_classifier)
+    if shipped is not None and not plan.classifier.is_file():
+        shutil.copyfile(shipped, plan.classifier)
     per_seed: dict[str, dict[int, dict[str, Any]]] = {}
     for seed, arm in plan.runs():
         _say(f"seed {seed}, arm {arm}: training and measuring in {plan.arm_dir(seed, arm)}")
@@ -824,7 +827,7 @@ def run(plan: Plan, threads: int) -> dict[str, Any]:
         },
         "extra_sets": plan.extra_sets,
         "classifier": str(shipped.relative_to(CHECKPOINTS_DIR.parent))
-        if shipped is not None and shared_classifier.read_bytes() == shipped.read_bytes()
+        if shipped is not None and plan.classifier.read_bytes() == shipped.read_bytes()
         else "trained by the first arm's eval stage",
     }
     report["arms"] = arms
