@@ -57,10 +57,10 @@ import torch
 
 from benchmarks.machine import describe
 from benchmarks.plot_ablation import plot_curves, render_claims, render_table
-from model.flow import SamplerConfig
 from model.lightningdit import LightningDiT
 from model.pae import PAE
 from model.presets import PRESETS, Preset, get_preset
+from model.sampling import SamplerConfig
 from training.checkpoint import (
     CheckpointError,
     load_tensors,

@@ -29,7 +29,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
-from model.flow import SamplerConfig
+from model.sampling import SamplerConfig
 from service import codecs, metrics
 from service.broker import BrokerClient, Keys, Reply, make_pool, now_ms
 from service.errors import (

@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model.flow import SamplerConfig
 from model.lightningdit import LightningDiT
 from model.pae import PAE
 from model.presets import get_preset
+from model.sampling import SamplerConfig
 from model.vfm import build_vfm
 from service.repository import RepositoryError
 from service.runtimes.base import Runtime
