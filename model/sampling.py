@@ -196,26 +196,37 @@ def _stream_seed(seed: int, stream: int) -> int:
 
 
 class NoiseStreams:
-    """One standard-normal stream per image, so an image's noise depends on its seed alone."""
+    """One standard-normal stream per image, so an image's noise depends on its seed alone.
+
+    Each stream is a PCG64 bit generator seeded with the image's seed; its raw 64-bit outputs (whose
+    sequence NumPy guarantees across versions, unlike its Generator methods) become normals by
+    Box–Muller in float64, rounded to float32. Any language can reproduce an image from its seed.
+    """
 
     def __init__(self, seeds: Sequence[int] | np.ndarray, stream: int = 0) -> None:
-        import torch
-
-        self._torch = torch
-        self._generators = [
-            torch.Generator(device="cpu").manual_seed(_stream_seed(s, stream)) for s in seed_list(seeds)
-        ]
+        self._bits = [np.random.PCG64(_stream_seed(s, stream)) for s in seed_list(seeds)]
 
     def __len__(self) -> int:
-        return len(self._generators)
+        return len(self._bits)
 
     def draw(self, shape: Sequence[int]) -> np.ndarray:
         """B×shape float32 noise, row i the next draw of image i's stream."""
         shape = tuple(int(d) for d in shape)
         if not shape or any(d < 1 for d in shape):
             raise ValueError(f"shape must be a non-empty tuple of positive sizes, got {shape}")
-        torch = self._torch
-        return torch.stack([torch.randn(shape, generator=g) for g in self._generators]).numpy()
+        count = math.prod(shape)
+        return np.stack([_normals(bits, count).reshape(shape) for bits in self._bits])
+
+
+def _normals(bits: np.random.PCG64, count: int) -> np.ndarray:
+    """`count` float32 standard normals from ⌈count/2⌉ Box–Muller pairs of 53-bit uniforms."""
+    raw = bits.random_raw(2 * ((count + 1) // 2)).reshape(-1, 2) >> np.uint64(11)
+    u1 = (raw[:, 0].astype(np.float64) + 1.0) * 2.0**-53  # (0, 1]: log never sees 0
+    u2 = raw[:, 1].astype(np.float64) * 2.0**-53
+    radius = np.sqrt(-2.0 * np.log(u1))
+    angle = 2.0 * np.pi * u2
+    pairs = np.stack([radius * np.cos(angle), radius * np.sin(angle)], axis=1)
+    return pairs.reshape(-1)[:count].astype(np.float32)
 
 
 def noise_from_seeds(seeds: Sequence[int] | np.ndarray, shape: Sequence[int]) -> np.ndarray:
