@@ -19,6 +19,10 @@ from service.api.state import AppState
 from service.errors import BadInput, UnsupportedMedia
 
 
+def _media_type(request: Request) -> str:
+    return media_type(request.headers.get("content-type", ""))
+
+
 def parse_model(model: type[BaseModel], body: bytes) -> BaseModel:
     """Validate a JSON body against a request model: 400 when it is not JSON, 422 naming each field."""
     try:
@@ -35,7 +39,7 @@ def parse_model(model: type[BaseModel], body: bytes) -> BaseModel:
 async def read_images(request: Request, state: AppState) -> list[bytes]:
     """The encoded images of an encode request: multipart `file` parts, JSON base64, or one raw image."""
     limit = state.settings.max_num_images
-    media = media_type(request.headers.get("content-type", ""))
+    media = _media_type(request)
     if media == MULTIPART:
         form = await request.form(max_files=limit, max_fields=limit + 8)
         uploads = [v for _, v in form.multi_items() if hasattr(v, "read")]
@@ -59,7 +63,7 @@ async def read_images(request: Request, state: AppState) -> list[bytes]:
 async def read_latents(request: Request, state: AppState) -> np.ndarray:
     """The latents of a decode request (JSON or .npy) as a checked B×d×h×w float32 batch."""
     shape, limit = state.config.latent_shape, state.settings.max_num_images
-    media = media_type(request.headers.get("content-type", ""))
+    media = _media_type(request)
     body = await request.body()
     if media == JSON:
         return codecs.latents_from_json(codecs.parse_json(body), shape, limit)
@@ -72,7 +76,7 @@ async def read_latents(request: Request, state: AppState) -> np.ndarray:
 
 async def read_generate(request: Request, state: AppState) -> BaseModel:
     """A generate request validated against this app's model (limits and classes of the served model)."""
-    media = media_type(request.headers.get("content-type", ""))
+    media = _media_type(request)
     if media not in (JSON, ""):
         raise UnsupportedMedia(f"Content-Type {media} is not accepted; send application/json")
     return parse_model(state.schemas.generate, await request.body())

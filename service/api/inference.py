@@ -25,7 +25,7 @@ from service.api.auth import require_key
 from service.api.jobs import Deadline, run_jobs, timing_headers
 from service.api.middleware import endpoint_label
 from service.api.negotiation import IMAGE_TYPES, JSON, MULTIPART, NPY, PNG, choose
-from service.api.openapi import BINARY, ERROR_RESPONSES, app_model, request_body
+from service.api.openapi import BINARY, app_model, inference_responses, request_body
 from service.api.state import AppState, State
 from service.broker import Reply
 from service.errors import BadInput, NotAcceptable
@@ -46,7 +46,7 @@ SAMPLER_FIELDS: tuple[str, ...] = ("sampler", "steps", "shift", "cfg_scale", "cf
         "(shape [B, $latent_dims], float32, base64) or, with `Accept: application/x-npy`, as a .npy file."
     ),
     response_model=EncodeResponse,
-    responses={**ERROR_RESPONSES, 200: {"content": {NPY: {}}}},
+    responses=inference_responses(NPY),
     openapi_extra=request_body(
         {
             MULTIPART: {
@@ -91,7 +91,7 @@ async def encode(request: Request, state: State, due: Deadline) -> Response:
         "or one `image/png` with `Accept: image/png`."
     ),
     response_model=ImagesResponse,
-    responses={**ERROR_RESPONSES, 200: {"content": {PNG: {}}}},
+    responses=inference_responses(PNG),
     openapi_extra=request_body(
         {JSON: {"schema": LatentPayload.model_json_schema()}, NPY: {"schema": BINARY}}
     ),
@@ -113,7 +113,7 @@ async def decode(request: Request, state: State, due: Deadline) -> Response:
         "with base64 PNGs and their seeds, or one `image/png` (seed in `X-Seed`) with `Accept: image/png`."
     ),
     response_model=ImagesResponse,
-    responses={**ERROR_RESPONSES, 200: {"content": {PNG: {}}}},
+    responses=inference_responses(PNG),
     openapi_extra=request_body({JSON: {"schema": app_model("generate")}}),
 )
 @endpoint_label("generate")

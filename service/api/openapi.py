@@ -36,6 +36,13 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 """The error statuses of the inference routes, each with the shared error body."""
 
+
+def inference_responses(alternative: str) -> dict[int | str, dict[str, Any]]:
+    """`responses` of an inference route: 200 as JSON (the response model) or `alternative`, and
+    every error status."""
+    return {**ERROR_RESPONSES, 200: {"content": {alternative: {}}}}
+
+
 BINARY: dict[str, str] = {"type": "string", "format": "binary"}
 """Schema of a raw binary body (an image file, a .npy file)."""
 
