@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from model.pos_embed import sincos_2d
+from model.pos_embed import resolve_table_dtype, sincos_2d
 
 _SIZES: dict[str, tuple[int, int, int, int]] = {
     # name: (depth, hidden, heads, patch)
@@ -51,6 +51,8 @@ class DiTConfig:
     use_rope: bool = True
     use_rmsnorm: bool = True
     use_abs_pos: bool = True
+    # Precision of the fixed sin-cos and RoPE tables: the released models compute them in float32.
+    table_dtype: str = "float64"
 
     def __post_init__(self) -> None:
         for name in ("in_channels", "grid", "patch_size", "hidden", "depth", "heads", "num_classes"):
@@ -69,6 +71,7 @@ class DiTConfig:
             raise ValueError(f"DiTConfig.mlp_ratio must be > 0, got {self.mlp_ratio}")
         if not 0.0 <= self.class_dropout < 1.0:
             raise ValueError(f"DiTConfig.class_dropout must be in [0, 1), got {self.class_dropout}")
+        resolve_table_dtype(self.table_dtype)
 
     @property
     def head_dim(self) -> int:
@@ -83,6 +86,12 @@ class DiTConfig:
     def null_class(self) -> int:
         """Label index that means "unconditional" (the extra row of the label table)."""
         return self.num_classes
+
+
+def size_name(cfg: DiTConfig) -> str | None:
+    """The named LightningDiT size with `cfg`'s depth, width, heads and patch, or None."""
+    shape = (cfg.depth, cfg.hidden, cfg.heads, cfg.patch_size)
+    return next((name for name, size in _SIZES.items() if size == shape), None)
 
 
 def dit_config(size: str, in_channels: int, grid: int, num_classes: int, **overrides: object) -> DiTConfig:
@@ -125,18 +134,20 @@ def _norm(dim: int, use_rmsnorm: bool) -> nn.Module:
     return RMSNorm(dim) if use_rmsnorm else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
 
-def rope_tables(head_dim: int, grid: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin) tables of shape (grid², head_dim) for 2-D rotary embedding, row-major tokens.
+def rope_tables(
+    head_dim: int, grid: int, theta: float = 10000.0, dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) float32 tables of shape (grid², head_dim) for 2-D rotary embedding, row-major tokens.
 
     EVA layout: each axis owns half the head dim, holding head_dim/4 frequencies 1/θ^(2i/(head_dim/2)),
     each repeated for an interleaved (even, odd) channel pair; the row (h) half comes first.
-    Real-valued so the graph exports without complex numbers.
+    Real-valued so the graph exports without complex numbers. `dtype` is the arithmetic's precision.
     """
     if head_dim % 4:
         raise ValueError(f"2-D RoPE needs a head dim divisible by 4, got {head_dim}")
     axis_dim = head_dim // 2
-    freqs = 1.0 / theta ** (torch.arange(0, axis_dim, 2, dtype=torch.float64) / axis_dim)
-    pos = torch.arange(grid, dtype=torch.float64)
+    freqs = 1.0 / theta ** (torch.arange(0, axis_dim, 2, dtype=dtype) / axis_dim)
+    pos = torch.arange(grid, dtype=dtype)
     angles = torch.outer(pos, freqs).repeat_interleave(2, dim=1)  # (grid, axis_dim)
     rows = angles[:, None, :].expand(grid, grid, axis_dim)
     cols = angles[None, :, :].expand(grid, grid, axis_dim)
@@ -271,11 +282,12 @@ class LightningDiT(nn.Module):
         self.t_embedder = TimestepEmbedder(cfg.hidden)
         self.y_embedder = nn.Embedding(cfg.num_classes + 1, cfg.hidden)
         if cfg.use_abs_pos:
-            self.register_buffer("pos_embed", sincos_2d(cfg.hidden, side).unsqueeze(0), persistent=False)
+            pos = sincos_2d(cfg.hidden, side, dtype=resolve_table_dtype(cfg.table_dtype))
+            self.register_buffer("pos_embed", pos.unsqueeze(0), persistent=False)
         else:
             self.pos_embed = None
         if cfg.use_rope:
-            cos, sin = rope_tables(cfg.head_dim, side)
+            cos, sin = rope_tables(cfg.head_dim, side, dtype=resolve_table_dtype(cfg.table_dtype))
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         else:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .pos_embed import sincos_2d
+from .pos_embed import resolve_table_dtype, sincos_2d
 from .vfm.base import FrozenVFM, VFMSpec, normalize_image, stats_tensor
 
 FUSIONS = ("sft", "add", "concat", "none")
@@ -39,6 +39,10 @@ class PAEConfig:
     decoder_heads: int = 16
     decoder_mlp_ratio: float = 4.0
     decoder_patch: int = 16
+    # The released paper models keep PyTorch's default LayerNorm eps in the DAM (paper §2.2) and compute
+    # their fixed sin-cos tables in float32; the project's own models use 1e-6 and float64.
+    dam_ln_eps: float = 1e-6
+    table_dtype: str = "float64"
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
@@ -56,6 +60,10 @@ class PAEConfig:
                 raise ValueError(f"PAEConfig.{name} must be a positive int, got {value!r}")
         if self.dam_depth < 0:
             raise ValueError(f"PAEConfig.dam_depth must be ≥ 0, got {self.dam_depth}")
+        eps = self.dam_ln_eps
+        if not isinstance(eps, float) or not 0.0 < eps < 1.0:
+            raise ValueError(f"PAEConfig.dam_ln_eps must be a float in (0, 1), got {eps!r}")
+        resolve_table_dtype(self.table_dtype)
         if self.image_size % self.decoder_patch:
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of decoder_patch {self.decoder_patch}"
@@ -162,14 +170,14 @@ class MLP(nn.Sequential):
 class DAMBlock(nn.Module):
     """Pixel tokens: pre-LN self-attention, pre-LN cross-attention into the VFM tokens, pre-LN MLP."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, eps: float) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.self_attn = Attention(dim, heads)
-        self.norm_q = nn.LayerNorm(dim, eps=1e-6)
-        self.norm_kv = nn.LayerNorm(dim, eps=1e-6)
+        self.norm_q = nn.LayerNorm(dim, eps=eps)
+        self.norm_kv = nn.LayerNorm(dim, eps=eps)
         self.cross_attn = Attention(dim, heads, cross=True)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, mlp_ratio)
 
     def forward(self, x: torch.Tensor, h_vfm: torch.Tensor) -> torch.Tensor:
@@ -187,16 +195,19 @@ class DAM(nn.Module):
     ablation fusions (also starting at LN(H_vfm)); "none" is LN(H_vfm) alone, with no pixel branch.
     """
 
-    def __init__(self, spec: VFMSpec, depth: int, mlp_ratio: float, fusion: str) -> None:
+    def __init__(self, cfg: PAEConfig) -> None:
         super().__init__()
-        dim = spec.dim
-        self.fusion = fusion
-        self.out_norm = nn.LayerNorm(dim, eps=1e-6)
+        spec, dim, eps = cfg.vfm, cfg.vfm.dim, cfg.dam_ln_eps
+        self.fusion = fusion = cfg.fusion
+        self.out_norm = nn.LayerNorm(dim, eps=eps)
         if fusion == "none":
             return
         self.patchify = nn.Conv2d(3, dim, kernel_size=spec.patch, stride=spec.patch)
-        self.register_buffer("pos", sincos_2d(dim, spec.grid).unsqueeze(0), persistent=False)
-        self.blocks = nn.ModuleList(DAMBlock(dim, spec.heads, mlp_ratio) for _ in range(depth))
+        pos = sincos_2d(dim, spec.grid, dtype=resolve_table_dtype(cfg.table_dtype))
+        self.register_buffer("pos", pos.unsqueeze(0), persistent=False)
+        self.blocks = nn.ModuleList(
+            DAMBlock(dim, spec.heads, cfg.dam_mlp_ratio, eps) for _ in range(cfg.dam_depth)
+        )
         self.fuse = nn.Linear(2 * dim if fusion == "concat" else dim, 2 * dim if fusion == "sft" else dim)
 
     def reset_fusion(self) -> None:
@@ -280,9 +291,8 @@ class PixelDecoder(nn.Module):
         width, self.grid, self.patch = cfg.decoder_width, cfg.decoder_grid, cfg.decoder_patch
         self.embed = nn.Linear(in_dim, width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.register_buffer(
-            "pos", sincos_2d(width, self.grid, cls_token=True).unsqueeze(0), persistent=False
-        )
+        pos = sincos_2d(width, self.grid, cls_token=True, dtype=resolve_table_dtype(cfg.table_dtype))
+        self.register_buffer("pos", pos.unsqueeze(0), persistent=False)
         self.blocks = nn.ModuleList(
             ViTBlock(width, cfg.decoder_heads, cfg.decoder_mlp_ratio) for _ in range(cfg.decoder_depth)
         )
@@ -325,7 +335,7 @@ class PAE(nn.Module):
         spec = cfg.vfm
         self.register_buffer("mean", stats_tensor(spec.mean), persistent=False)
         self.register_buffer("std", stats_tensor(spec.std), persistent=False)
-        self.dam = DAM(spec, cfg.dam_depth, cfg.dam_mlp_ratio, cfg.fusion)
+        self.dam = DAM(cfg)
         self.projector = Projector(spec.dim, spec.heads, cfg.latent_dim, spec.grid)
         self.deprojector = Deprojector(cfg.latent_dim, spec.dim, spec.heads)
         self.decoder = PixelDecoder(spec.dim, cfg)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .lightningdit import DiTConfig, dit_config
 from .pae import PAEConfig
-from .sampling import SamplerConfig
+from .sampling import RELEASE_SAMPLERS, SamplerConfig
 from .vfm.base import HALF, IMAGENET_MEAN, IMAGENET_STD, VFMSpec
 
 FASHION_MNIST_CLASSES = (
@@ -144,7 +144,11 @@ class DiTTrainConfig:
 
 @dataclass(frozen=True)
 class Preset:
-    """A complete system: tokenizer, generator, sampler defaults, both training recipes, data."""
+    """A complete system: tokenizer, generator, sampler defaults, both training recipes, data.
+
+    `sampler_presets` are named sampler settings a served model offers besides its default `sampler`
+    (a request picks one by name); the paper presets carry the release's three (paper §3.6–3.7).
+    """
 
     name: str
     pae: PAEConfig
@@ -157,8 +161,12 @@ class Preset:
     # Train on the first N images of each class (0 = the whole training split): the default
     # preset's budget on 2 CPU cores is set by how many images the frozen VFM must see.
     train_per_class: int = 0
+    sampler_presets: Mapping[str, SamplerConfig] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for key, value in self.sampler_presets.items():
+            if not (isinstance(key, str) and key) or not isinstance(value, SamplerConfig):
+                raise ValueError(f"{self.name}: sampler_presets maps names to SamplerConfig, got {key!r}")
         if not isinstance(self.train_per_class, int) or self.train_per_class < 0:
             raise ValueError(
                 f"{self.name}: train_per_class must be an int >= 0, got {self.train_per_class!r}"
@@ -225,8 +233,8 @@ PAPER_TOKENIZER_TRAIN = TokenizerTrainConfig(
 PAPER_DIT_TRAIN = DiTTrainConfig(
     batch_size=1024, steps=100_000, sample_every=20_000, log_every=100, ckpt_every=20_000
 )
-# PAE 80-epoch guided FID settings.
-PAPER_SAMPLER = SamplerConfig(sampler="euler", steps=250, shift=0.4, cfg_scale=2.5, cfg_interval=(0.25, 1.0))
+# The 80-epoch guided FID setting on the release's time grid; the others are named presets.
+PAPER_SAMPLER = RELEASE_SAMPLERS["release-80ep"]
 
 
 def _paper(name: str, vfm: VFMSpec) -> Preset:
@@ -243,12 +251,15 @@ def _paper(name: str, vfm: VFMSpec) -> Preset:
         decoder_heads=16,
         decoder_mlp_ratio=4.0,
         decoder_patch=16,
+        dam_ln_eps=1e-5,
+        table_dtype="float32",
     )
     return Preset(
         name=name,
         pae=pae,
-        dit=dit_config("XL/1", in_channels=32, grid=16, num_classes=1000),
+        dit=dit_config("XL/1", in_channels=32, grid=16, num_classes=1000, table_dtype="float32"),
         sampler=PAPER_SAMPLER,
+        sampler_presets=dict(RELEASE_SAMPLERS),
         tokenizer_train=PAPER_TOKENIZER_TRAIN,
         dit_train=PAPER_DIT_TRAIN,
         dataset="imagenet",
