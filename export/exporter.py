@@ -145,13 +145,12 @@ def _repository_config(ckpt: LoadedCheckpoint, name: str, version: int, graphs: 
         "class_names": list(preset.class_names),
         "num_classes": preset.dit.num_classes,
         "null_class": ckpt.null_class,
-        "sampler": {
-            "sampler": preset.sampler.sampler,
-            "steps": preset.sampler.steps,
-            "shift": preset.sampler.shift,
-            "cfg_scale": preset.sampler.cfg_scale,
-            "cfg_interval": list(preset.sampler.cfg_interval),
-        },
+        "sampler": preset.sampler.to_dict(),
+        # Named settings a request may pick (`sampler_preset`); the default's name when it is one.
+        "sampler_presets": {name: cfg.to_dict() for name, cfg in preset.sampler_presets.items()},
+        "default_sampler_preset": next(
+            (name for name, cfg in preset.sampler_presets.items() if cfg == preset.sampler), None
+        ),
         "graphs": graphs,
         "torch": {
             "config": "torch/config.json",
@@ -179,10 +178,12 @@ def export_checkpoint(
     fp16_tolerances: Mapping[str, Tolerance] | None = None,
     parity_batches: Sequence[int] = PARITY_BATCHES,
     opset: int = DEFAULT_OPSET,
+    external_data: bool | None = None,
 ) -> Path:
     """Export a checkpoint directory as `<repository>/<name>/<version>/`; return that folder.
 
-    Raises (and writes nothing) when any graph fails to export, fails `onnx.checker`, loses its
+    Graphs over 2 GiB (or all, with `external_data=True`) keep their weights in `<graph>.onnx.data`,
+    hashed in the manifest like every file. Raises (and writes nothing) when any graph fails to export, fails `onnx.checker`, loses its
     dynamic batch axis, or differs from torch beyond its tolerance; likewise for TensorRT failures.
     """
     ckpt = load_checkpoint(checkpoint)
@@ -200,7 +201,7 @@ def export_checkpoint(
         for graph, module in modules.items():
             onnx_path = stage / f"{graph}.onnx"
             example = _example_inputs(cases[graph][-1])
-            described = export_onnx(module, example, GRAPHS[graph], onnx_path, opset)
+            described = export_onnx(module, example, GRAPHS[graph], onnx_path, opset, external_data)
             graphs[graph] = {"file": onnx_path.name, **described}
             # Gate each graph as soon as it exists: a failure stops the export before more work.
             results += _run_parity(onnx_path, cases[graph], tolerances[graph])
@@ -208,8 +209,10 @@ def export_checkpoint(
             if fp16:
                 half_path = stage / f"{graph}.fp16.onnx"
                 to_fp16(onnx_path, half_path)
-                validate_graph(half_path, GRAPHS[graph])
+                half = validate_graph(half_path, GRAPHS[graph])
                 graphs[graph]["fp16_file"] = half_path.name
+                if "external_data" in half:
+                    graphs[graph]["fp16_external_data"] = half["external_data"]
                 fp16_results += _run_parity(half_path, cases[graph], fp16_tolerances[graph])
                 enforce(fp16_results)
 

@@ -115,10 +115,13 @@ def export_onnx(
     spec: GraphSpec,
     path: Path,
     opset: int = DEFAULT_OPSET,
+    external_data: bool | None = None,
 ) -> dict:
     """Export `module` to `path` with a dynamic leading batch axis on every input; check and describe it.
 
     `example_inputs` should have batch ≥ 2 (a size-1 example invites the tracer to specialise).
+    Weights go to `<file>.data` beside the graph when `external_data` is True, or when None and the
+    graph exceeds protobuf's 2 GiB limit.
     Returns the graph's I/O description for config.json and the manifest.
     """
     if len(example_inputs) != len(spec.inputs):
@@ -143,7 +146,7 @@ def export_onnx(
         verbose=False,
     )
     path = Path(path)
-    onnx_program.save(str(path))
+    onnx_program.save(str(path), external_data=external_data)
     return validate_graph(path, spec)
 
 
@@ -182,6 +185,17 @@ def validate_graph(path: Path, spec: GraphSpec) -> dict:
             )
     opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
     described["opset"] = opsets.get("ai.onnx")
+    external = sorted(
+        {
+            entry.value
+            for tensor in model.graph.initializer
+            if tensor.data_location == onnx.TensorProto.EXTERNAL
+            for entry in tensor.external_data
+            if entry.key == "location"
+        }
+    )
+    if external:
+        described["external_data"] = external  # weights of a graph over protobuf's 2 GiB limit
     return described
 
 
