@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[1, 8, 32],
         help="batch sizes to serve, comma-separated: the TensorRT min/opt/max profile (default 1,8,32)",
     )
+    parser.add_argument(
+        "--parity-batches",
+        type=_batch_sizes,
+        default=None,
+        help="batch sizes the parity gate runs each graph at (default 1,3; 1,2 halves a full-size gate)",
+    )
     return parser
 
 
@@ -73,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tensorrt=args.tensorrt,
             batch_sizes=args.batch_sizes,
             trt_precision=args.trt_precision,
+            **({"parity_batches": tuple(args.parity_batches)} if args.parity_batches else {}),
         )
     except Exception as exc:
         print(f"pae-export: error: {type(exc).__name__}: {exc}", file=sys.stderr)

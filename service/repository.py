@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 CONFIG_NAME = "config.json"
@@ -63,6 +63,8 @@ class ModelConfig:
     latent_std: tuple[float, ...]
     class_names: tuple[str, ...]
     sampler: dict[str, object]
+    # Named sampler settings a request may choose (`sampler_preset`), e.g. the release's three.
+    sampler_presets: dict[str, dict[str, object]] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -117,6 +119,9 @@ class ModelConfig:
         sampler = need("sampler")
         if not isinstance(sampler, dict):
             raise RepositoryError(f"{path}: sampler must be an object of SamplerConfig defaults")
+        presets = raw.get("sampler_presets", {})
+        if not (isinstance(presets, dict) and all(isinstance(v, dict) for v in presets.values())):
+            raise RepositoryError(f"{path}: sampler_presets must map names to SamplerConfig objects")
         return cls(
             name=version_dir.parent.name,
             version=version_dir.name,
@@ -126,6 +131,7 @@ class ModelConfig:
             latent_std=stats["latent_std"],
             class_names=tuple(names),
             sampler=dict(sampler),
+            sampler_presets={str(k): dict(v) for k, v in presets.items()},
         )
 
 

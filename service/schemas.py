@@ -153,6 +153,13 @@ def build_schemas(settings: Settings, config: ModelConfig) -> Schemas:
         shift: float | None = Field(
             None, gt=0.0, le=100.0, description=f"sampling time shift (default {config.sampler.get('shift')})"
         )
+        sampler_preset: str | None = Field(
+            None,
+            description=(
+                f"named sampler settings to start from: {sorted(config.sampler_presets) or 'none for this model'}; "
+                "the fields set here override them"
+            ),
+        )
         seed: int | None = Field(
             None,
             ge=0,

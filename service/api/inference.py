@@ -148,10 +148,19 @@ def resolve_class(config: ModelConfig, value: int | str) -> int:
 
 
 def sampler_settings(state: AppState, request: BaseModel) -> dict[str, object]:
-    """The effective sampler settings: the request's fields over the model's defaults, checked by
-    `SamplerConfig` and against MAX_STEPS, as the plain dict the workers and the answer carry."""
+    """The effective sampler settings: the request's fields over the named `sampler_preset` (or the
+    model's defaults), checked by `SamplerConfig` and against MAX_STEPS, as the plain dict the
+    workers and the answer carry."""
     asked = {k: getattr(request, k) for k in SAMPLER_FIELDS if getattr(request, k) is not None}
-    merged = {**state.sampler_defaults, **asked}
+    base = state.sampler_defaults
+    preset = getattr(request, "sampler_preset", None)
+    if preset is not None:
+        if preset not in state.config.sampler_presets:
+            raise BadInput(
+                f"unknown sampler_preset {preset!r}; this model has {sorted(state.config.sampler_presets)}"
+            )
+        base = state.config.sampler_presets[preset]
+    merged = {**base, **asked}
     try:
         cfg = SamplerConfig(
             sampler=str(merged["sampler"]),
@@ -159,19 +168,22 @@ def sampler_settings(state: AppState, request: BaseModel) -> dict[str, object]:
             shift=float(merged["shift"]),
             cfg_scale=float(merged["cfg_scale"]),
             cfg_interval=tuple(float(v) for v in merged["cfg_interval"]),
+            grid=str(merged.get("grid", "updates")),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise BadInput(f"invalid sampler settings: {exc}") from None
     max_steps = state.settings.max_steps
     if cfg.steps > max_steps:
         raise BadInput(f"steps {cfg.steps} exceeds the limit of {max_steps} (MAX_STEPS)")
-    return {
+    settings = {
         "sampler": cfg.sampler,
         "steps": cfg.steps,
         "shift": cfg.shift,
         "cfg_scale": cfg.cfg_scale,
         "cfg_interval": list(cfg.cfg_interval),
     }
+    # The release's time grid (paper §3.6) is named only when used, so other models' answers keep their form.
+    return settings if cfg.grid == "updates" else {**settings, "grid": cfg.grid}
 
 
 async def pngs(replies: Sequence[Reply], size: int) -> list[str]:

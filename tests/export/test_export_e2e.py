@@ -123,13 +123,8 @@ def test_config_and_torch_files(exported: Path, tiny_checkpoint: Path) -> None:
     np.testing.assert_allclose(config["latent_std"], stats["std"].numpy(), rtol=1e-6)
     assert config["class_names"] == list(FASHION_MNIST_CLASSES) and config["null_class"] == 10
     sampler = tiny_preset().sampler
-    assert config["sampler"] == {
-        "sampler": sampler.sampler,
-        "steps": sampler.steps,
-        "shift": sampler.shift,
-        "cfg_scale": sampler.cfg_scale,
-        "cfg_interval": list(sampler.cfg_interval),
-    }
+    assert config["sampler"] == sampler.to_dict()  # every field, the time grid included
+    assert config["sampler_presets"] == {} and config["default_sampler_preset"] is None
     assert (
         config["graphs"]["dit"]["file"] == "dit.onnx"
         and config["graphs"]["dit"]["fp16_file"] == "dit.fp16.onnx"
