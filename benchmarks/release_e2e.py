@@ -8,7 +8,8 @@ process, so its wall time and peak RSS are its own; then each graph's per-image 
 
     python -m benchmarks.release_e2e --work /tmp/release-e2e --out benchmarks/results/release_e2e.json
 
-Needs about 40 GB of free disk under --work and ~12 GB of free memory; --keep leaves the files.
+Needs about 40 GB of free disk under --work and ~12 GB of free memory; --keep leaves the files, and
+a kept --work resumes after its last finished phase.
 """
 
 from __future__ import annotations
@@ -209,39 +210,44 @@ def main(argv: list[str] | None = None) -> int:
     me = [sys.executable, "-m", "benchmarks.release_e2e", "--work", str(work), "--repeats", str(args.repeats)]
     started = time.perf_counter()
     try:
-        phases["write_random_release"] = _run("write", [*me, "--phase", "write"], work)
         release = work / "release"
-        phases["import"] = _run(
-            "import",
-            [
-                _bin("pae-import"),
-                "--pae",
-                str(release / "pae.pt"),
-                "--dit",
-                str(release / "dit.pt"),
-                "--latent-stats",
-                str(release / "latents_stats.pt"),
-                "--out",
-                str(work / "checkpoint"),
-            ],
-            work,
+        steps = (
+            ("write_random_release", release / "latents_stats.pt", lambda: [*me, "--phase", "write"]),
+            (
+                "import",
+                work / "checkpoint" / "config.json",
+                lambda: [
+                    _bin("pae-import"),
+                    "--pae",
+                    str(release / "pae.pt"),
+                    "--dit",
+                    str(release / "dit.pt"),
+                    "--latent-stats",
+                    str(release / "latents_stats.pt"),
+                    "--out",
+                    str(work / "checkpoint"),
+                ],
+            ),
+            (
+                "export",
+                version / "manifest.json",
+                lambda: [
+                    _bin("pae-export"),
+                    "--checkpoint",
+                    str(work / "checkpoint"),
+                    "--repository",
+                    str(repository),
+                    "--name",
+                    NAME,
+                    "--fp16",
+                    "--parity-batches",
+                    "1,2",
+                ],
+            ),
         )
-        phases["export"] = _run(
-            "export",
-            [
-                _bin("pae-export"),
-                "--checkpoint",
-                str(work / "checkpoint"),
-                "--repository",
-                str(repository),
-                "--name",
-                NAME,
-                "--fp16",
-                "--parity-batches",
-                "1,2",
-            ],
-            work,
-        )
+        for phase, product, command in steps:
+            # A kept --work resumes after the last finished phase (its product exists).
+            phases[phase] = {"reused": str(product)} if product.exists() else _run(phase, command(), work)
         manifest = json.loads((version / "manifest.json").read_text())
         report["repository"] = {
             "files_mib": {k: round(v["bytes"] / 2**20) for k, v in sorted(manifest["files"].items())},
