@@ -254,6 +254,8 @@ def write_import(plan: ImportPlan, out: Path) -> Path:
         (stage / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (stage / "import.json").write_text(json.dumps(plan.report, indent=2, sort_keys=True) + "\n")
         (stage / "MODEL_CARD.md").write_text(model_card(plan.report, preset))
+        for path in (stage, *stage.rglob("*")):  # mkdtemp and safetensors create owner-only modes
+            path.chmod(0o755 if path.is_dir() else 0o644)
         if out.exists():
             out.rmdir()
         os.rename(stage, out)

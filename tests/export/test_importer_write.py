@@ -106,6 +106,7 @@ def test_model_card_and_config_record_sources_and_choices(
     dit_source = next(s for s in report["sources"] if s["role"] == "LightningDiT")
     assert dit_source["entry"] == "ema" and dit_source["entries_not_read"] == ["config"]
     config = json.loads((imported / "config.json").read_text())
+    assert all((p.stat().st_mode & 0o777) in (0o644, 0o755) for p in (imported, *imported.rglob("*")))
     assert config["sampler"]["grid"] == "release" and report["sampler"]["default"] == "release-80ep"
     assert config["pae"]["vfm"]["path"] == str((imported / "vfm").resolve())
 
