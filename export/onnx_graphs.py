@@ -208,11 +208,11 @@ def to_fp16(src: Path, dst: Path) -> None:
     import onnx
     from onnxconverter_common import float16
 
-    model = onnx.load(str(src))
     with warnings.catch_warnings():
         # One warning per clipped constant (e.g. 1e-10 → 1e-7); expected, and judged by parity instead.
         warnings.simplefilter("ignore", UserWarning)
-        half = float16.convert_float_to_float16(model, keep_io_types=True)
+        # From the path: shape inference on an in-memory model cannot serialise one over 2 GiB.
+        half = float16.convert_float_to_float16_model_path(str(src), keep_io_types=True)
     try:
         large = half.ByteSize() >= 2**31  # protobuf cannot serialise a single message past 2 GiB
     except ValueError:
