@@ -88,10 +88,9 @@ class DiTConfig:
         return self.num_classes
 
 
-def size_name(cfg: DiTConfig) -> str | None:
-    """The named LightningDiT size with `cfg`'s depth, width, heads and patch, or None."""
-    shape = (cfg.depth, cfg.hidden, cfg.heads, cfg.patch_size)
-    return next((name for name, size in _SIZES.items() if size == shape), None)
+def size_name(depth: int, hidden: int, heads: int, patch: int) -> str | None:
+    """The named LightningDiT size (`XL/1`, …) of this depth, width, head count and patch, or None."""
+    return next((name for name, size in _SIZES.items() if size == (depth, hidden, heads, patch)), None)
 
 
 def dit_config(size: str, in_channels: int, grid: int, num_classes: int, **overrides: object) -> DiTConfig:

@@ -8,7 +8,6 @@ another size is refused with the evidence and the preset that would fit it.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -153,21 +152,10 @@ def dit_fits(facts: list[Fact], preset: Preset) -> list[str]:
 
 def _describe_dit(facts: list[Fact]) -> str:
     known = {f.field: f.value for f in facts}
-    try:
-        heads = known["hidden"] // known["head_dim"]
-        name = size_name(
-            dataclasses.replace(
-                PRESETS["fmnist32-tiny"].dit,
-                depth=known["depth"],
-                hidden=known["hidden"],
-                heads=heads,
-                patch_size=known["patch_size"],
-            )
-        )
-    except (KeyError, ValueError, ZeroDivisionError, TypeError):
-        name = None
+    depth, hidden, head_dim, patch = (known.get(k) for k in ("depth", "hidden", "head_dim", "patch_size"))
+    name = size_name(depth, hidden, hidden // head_dim, patch) if hidden and head_dim and patch else None
     size = f"LightningDiT-{name}" if name else "a LightningDiT of no named size"
-    return f"{size} (depth {known.get('depth')}, width {known.get('hidden')}, {known.get('num_classes')} classes)"
+    return f"{size} (depth {depth}, width {hidden}, {known.get('num_classes')} classes)"
 
 
 def choose_preset(pae: list[Fact] | None, dit: list[Fact] | None, requested: str | Preset | None) -> Preset:

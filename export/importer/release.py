@@ -154,9 +154,7 @@ def plan_import(
     """Read and check the inputs; raise (naming the tensor, file or preset) at the first problem."""
     pae, dit, sources = _read(inputs, pae_weights, dit_weights)
     encoder = {n: r for n, r in (pae or {}).items() if n.startswith(VFM_PREFIX)}
-    pae_own = (
-        {n: r for n, r in (pae or {}).items() if not n.startswith(VFM_PREFIX)} if pae is not None else None
-    )
+    pae_own = None if pae is None else {n: r for n, r in pae.items() if not n.startswith(VFM_PREFIX)}
     pae_facts = infer.pae_facts(_shapes(pae_own)) if pae_own is not None else None
     dit_facts = infer.dit_facts(_shapes(dit)) if dit is not None else None
     if pae_facts is None and dit_facts is None and preset is None:
@@ -167,12 +165,15 @@ def plan_import(
     if dit_facts is not None:
         qknorm = next(f.value for f in dit_facts if f.field == "use_qknorm")
         chosen = dataclasses.replace(chosen, dit=dataclasses.replace(chosen.dit, use_qknorm=qknorm))
-    default_sampler = sampler_preset or ("release-800ep" if chosen.dit.use_qknorm else "release-80ep")
-    if default_sampler not in chosen.sampler_presets:
-        raise ValueError(
-            f"unknown sampler preset {default_sampler!r}; {chosen.name} has {sorted(chosen.sampler_presets)}"
-        )
-    chosen = dataclasses.replace(chosen, sampler=chosen.sampler_presets[default_sampler])
+    default_sampler = None
+    if sampler_preset or chosen.sampler_presets:
+        # The 800-epoch release is the one trained with qk-norm (paper §3.2, §3.7).
+        default_sampler = sampler_preset or ("release-800ep" if chosen.dit.use_qknorm else "release-80ep")
+        if default_sampler not in chosen.sampler_presets:
+            raise ValueError(
+                f"unknown sampler preset {default_sampler!r}; {chosen.name} has {sorted(chosen.sampler_presets)}"
+            )
+        chosen = dataclasses.replace(chosen, sampler=chosen.sampler_presets[default_sampler])
     plan = ImportPlan(chosen, list(sources.values()), pae_own, dit)
     plan.report = {
         "preset": chosen.name,

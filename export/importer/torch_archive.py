@@ -84,7 +84,7 @@ class _Placeholder:
 
 
 def _placeholder_class(full_name: str) -> type[_Placeholder]:
-    return type("Refused", (_Placeholder,), {"global_name": full_name})
+    return type("RefusedGlobal", (_Placeholder,), {"global_name": full_name})
 
 
 @dataclass(frozen=True)

@@ -196,3 +196,13 @@ def test_a_qknorm_dit_is_the_800_epoch_variant(tables: tuple[dict, dict], tmp_pa
     plan = plan_import(Inputs(dit=tmp_path / "dit.pt"), preset=PAPER)
     assert plan.preset.dit.use_qknorm and plan.report["sampler"]["default"] == "release-800ep"
     assert plan.preset.sampler == plan.preset.sampler_presets["release-800ep"]
+
+
+def test_a_checkpoint_of_the_default_size_keeps_its_presets_sampler(tmp_path: Path) -> None:
+    preset = get_preset("fmnist32-tiny")
+    torch.save(
+        {"ema": random_state(dit_layout(preset.dit).shapes(), fixed_tables(preset), 0)}, tmp_path / "dit.pt"
+    )
+    plan = plan_import(Inputs(dit=tmp_path / "dit.pt"))
+    assert plan.preset.name == "fmnist32-tiny" and plan.preset.sampler == preset.sampler
+    assert plan.report["sampler"]["default"] is None
