@@ -182,7 +182,7 @@ def export_checkpoint(
 ) -> Path:
     """Export a checkpoint directory as `<repository>/<name>/<version>/`; return that folder.
 
-    Graphs over 2 GiB (or all, with `external_data=True`) keep their weights in `<graph>.onnx.data`,
+    Graphs over 1.5 GiB (or all, with `external_data=True`) keep their weights in `<graph>.onnx.data`,
     hashed in the manifest like every file. Raises (and writes nothing) when any graph fails to export, fails `onnx.checker`, loses its
     dynamic batch axis, or differs from torch beyond its tolerance; likewise for TensorRT failures.
     """

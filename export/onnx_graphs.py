@@ -120,8 +120,8 @@ def export_onnx(
     """Export `module` to `path` with a dynamic leading batch axis on every input; check and describe it.
 
     `example_inputs` should have batch ≥ 2 (a size-1 example invites the tracer to specialise).
-    Weights go to `<file>.data` beside the graph when `external_data` is True, or when None and the
-    graph exceeds protobuf's 2 GiB limit.
+    Weights go to `<file>.data` beside the graph when `external_data` is True, or when None and they
+    exceed torch's 1.5 GiB threshold (protobuf cannot hold a graph over 2 GiB).
     Returns the graph's I/O description for config.json and the manifest.
     """
     if len(example_inputs) != len(spec.inputs):
