@@ -12,7 +12,9 @@
    PAE in bfloat16 (autocast, as the authors run it) for encode and decode.
 
 Anything the machine lacks (CUDA, TensorRT) or the budget does not leave time for is recorded under
-`skipped` with the reason; 250-step runs are estimated from the 25-step ones before they start.
+`skipped` with the reason; 250-step runs are estimated from the 25-step ones before they start. The
+budget counts from the start, so a slow setup shortens the measurements; building the XL/1 engines
+can take minutes on its own, and `--no-tensorrt` keeps a run well inside 8 minutes.
 `--device cpu` runs the same code on the CPU (how the test suite keeps the script working).
 """
 
