@@ -24,7 +24,9 @@ import uvicorn
 from prometheus_client import REGISTRY
 
 from service.app import create_app
-from service.embedded import EmbeddedRedis, WorkerThread, free_port
+from service.embedded import WorkerThread
+from service.launcher import free_port
+from service.redis_server import RedisServer
 from service.settings import Settings
 from tests.service.tiny_repo import build_tiny_repository
 
@@ -53,7 +55,7 @@ def tiny_repository(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
     """A real redis-server on a free port for this test module, stopped afterwards."""
-    server = EmbeddedRedis()
+    server = RedisServer()
     url = server.start()
     yield url
     server.stop()
@@ -115,12 +117,11 @@ class LiveServer:
 
 
 class RestartableStack:
-    """Its own embedded redis-server on a fixed port, one worker and one live API server, for tests
-    that stop Redis under the service and bring it back (empty) on the same address."""
+    """Its own redis-server, one worker and one live API server, for tests that stop Redis under the
+    service and bring it back (empty) on the same address."""
 
     def __init__(self, repository: Path, **overrides: object) -> None:
-        self.port = free_port()
-        self.store = EmbeddedRedis(port=self.port)
+        self.store = RedisServer()
         url = self.store.start()
         settings = make_settings(repository, url, **overrides)
         self.worker = WorkerThread(settings, url)
@@ -128,7 +129,6 @@ class RestartableStack:
 
     def restart_redis(self) -> None:
         """Start a fresh redis-server where the stopped one was."""
-        self.store = EmbeddedRedis(port=self.port)
         self.store.start()
 
     def __enter__(self) -> RestartableStack:

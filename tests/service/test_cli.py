@@ -16,7 +16,8 @@ import pytest
 import redis
 
 from service.cli import ensure_default_model
-from service.embedded import WorkerThread, free_port
+from service.embedded import WorkerThread
+from service.launcher import free_port
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -25,7 +25,7 @@ from PIL import Image
 from model.flow import SamplerConfig
 from service.broker import GROUP, Keys
 from service.codecs import decode_image, to_uint8
-from service.embedded import free_port
+from service.launcher import free_port
 from service.runtimes.onnxruntime import OnnxRuntime
 from tests.service.payloads import image_bytes, latent_json
 
