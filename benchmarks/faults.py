@@ -3,7 +3,7 @@
     .venv/bin/python -m benchmarks.faults [--kill-seconds 120] [--kill-every 5] [--concurrency 16]
 
 Three phases, each under mixed encode / decode / generate traffic whose every answer is checked
-against its own request (benchmarks/service_harness.py), each a bounded loop that stops by itself:
+against its own request (benchmarks/traffic.py), each a bounded loop that stops by itself:
 
 1. `worker_sigkill`: 2 API replicas and 2 workers; every `--kill-every` seconds the longest-lived
    worker is SIGKILLed (mid-batch, whatever it holds) and a new one started, for `--kill-seconds`.
@@ -41,21 +41,11 @@ from pathlib import Path
 import httpx
 import redis
 
-from benchmarks.service_harness import (
-    RESULTS,
-    TASKS,
-    Call,
-    ModelShape,
-    Requests,
-    Sample,
-    Topology,
-    closed_loop,
-    drive,
-    machine_info,
-    metric_sum,
-    resolve_model,
-)
+from benchmarks.machine import RESULTS, mark_quotable
+from benchmarks.topology import Topology, machine_info, metric_sum, resolve_model
+from benchmarks.traffic import TASKS, Call, ModelShape, Requests, Sample, closed_loop, drive
 from service.broker import GROUP, Keys
+from service.launcher import stop_process
 
 REQUEST_TIMEOUT_S = 30
 DEADLINE_SLACK_S = 3.0
@@ -288,7 +278,7 @@ class Campaign:
     log: Callable[[str], None] = print
 
     def client(self) -> redis.Redis:
-        return self.topo.redis.client()
+        return self.topo.redis_client()
 
     def phase(self, name: str, limit_s: float, fault: Callable[[Traffic], dict]) -> dict[str, object]:
         store = self.client()
@@ -316,11 +306,10 @@ class Campaign:
                 victim = min(born, key=born.get)
                 proc = self.topo.worker_procs[victim]
                 if proc is not None and proc.alive():
-                    wait_until_holding(store, self.keys, proc.pid, timeout_s=2.0)
-                    os.kill(proc.pid, signal.SIGKILL)
-                    proc.popen.wait()
+                    wait_until_holding(store, self.keys, proc.program_pid, timeout_s=2.0)
+                    stop_process(proc, signal.SIGKILL)
                     kills += 1
-                    held += jobs_held(store, self.keys, proc.pid)
+                    held += jobs_held(store, self.keys, proc.program_pid)
                 self.topo.start_worker(victim)
                 born[victim] = time.monotonic()
                 time.sleep(max(0.0, min(every, end - time.monotonic())))
@@ -409,7 +398,7 @@ class Campaign:
             time.sleep(3.0)
             old = self.topo.apis[0]
             stopped_at = time.monotonic()
-            self.topo.stop_proc(old, signal.SIGTERM)
+            stop_process(old, signal.SIGTERM, grace_s=20.0)
             stop_s = time.monotonic() - stopped_at
             self.topo.start_api(0, port=old.port)
             self.topo.wait_ready(120)
@@ -419,7 +408,7 @@ class Campaign:
             return {
                 "graceful_stop_s": round(stop_s, 2),
                 "replica_back_after_s": round(back_s, 2),
-                "exit_code": old.popen.returncode,
+                "exit_code": old.returncode,
             }
 
         return self.phase("api_restart", 180, fault)
@@ -478,6 +467,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "wall_s": round(time.time() - started, 1),
             "load_average_end": [round(v, 2) for v in os.getloadavg()],
         }
+    result = mark_quotable(result, affects="its timings (the outcome accounting does not depend on load)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({"ok": result["ok"]}))

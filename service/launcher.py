@@ -91,7 +91,8 @@ class Proc:
 
     `pid` is the process-group leader (`timeout` when the process has a lifetime, else the program);
     `program_pid` is the program itself, where signals go and /proc readings come from. `started`
-    (clock ticks since boot) tells the process apart from a later one that reuses its PID.
+    (clock ticks since boot) tells the process apart from a later one that reuses its PID. `port` is
+    the one it serves on (0: none).
     """
 
     name: str
@@ -102,6 +103,7 @@ class Proc:
     probe: str = ""
     env: dict[str, str] = field(default_factory=dict)
     program_pid: int = 0
+    port: int = 0
     popen: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -169,6 +171,7 @@ def start_process(
     cwd: Path | None = None,
     lifetime_s: float | None = None,
     probe: str = "",
+    port: int = 0,
 ) -> Proc:
     """Start `argv` in its own session, output appended to `log` (discarded without one).
 
@@ -203,6 +206,7 @@ def start_process(
         probe=probe,
         env=dict(env or {}),
         program_pid=program,
+        port=port,
         popen=popen,
     )
 
@@ -245,7 +249,7 @@ def start_api(name: str, port: int, args: Sequence[str] = (), **options: Any) ->
     """An API replica (`pae-serve`) on the loopback `port`, probed at /readyz; `options` as for
     `start_process`."""
     argv = [*entry_point("pae-serve"), "--host", LOOPBACK, "--port", str(port), *args]
-    return start_process(name, argv, probe=f"http://{LOOPBACK}:{port}/readyz", **options)
+    return start_process(name, argv, probe=f"http://{LOOPBACK}:{port}/readyz", port=port, **options)
 
 
 def start_worker(name: str, metrics_port: int, args: Sequence[str] = (), **options: Any) -> Proc:
@@ -253,7 +257,8 @@ def start_worker(name: str, metrics_port: int, args: Sequence[str] = (), **optio
     for `start_process`."""
     options["env"] = {**options.get("env", {}), "WORKER_METRICS_PORT": str(metrics_port)}
     probe = f"http://{LOOPBACK}:{metrics_port}/metrics"
-    return start_process(name, [*entry_point("pae-worker"), *args], probe=probe, **options)
+    argv = [*entry_point("pae-worker"), *args]
+    return start_process(name, argv, probe=probe, port=metrics_port, **options)
 
 
 # ---------------------------------------------------------------- readiness
