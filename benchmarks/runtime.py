@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.machine import describe
+from benchmarks.machine import describe, mark_quotable
 from export.checkpoint import DIT_FILE, STATS_FILE, LoadedCheckpoint, load_checkpoint
 from export.exporter import export_checkpoint, graph_modules
 from export.onnx_graphs import GRAPHS as EXPORT_GRAPHS
@@ -496,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         "a descheduled worker, while ORT's pool (spinning off) lets the calling thread run unclaimed "
         "work, so the 2-thread ratio includes that contention; threads_1 is the contention-free ratio",
     }
+    results = mark_quotable(results)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "runtime.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, args.out / "runtime.png")
