@@ -28,10 +28,10 @@ def _missing(text: str, threshold: str, needs: Sequence[str]) -> dict:
 def evaluate_claims(
     arms: dict[str, Any], few_step: dict[str, Any], dit_steps: int, floor: float | None = None
 ) -> dict[str, dict]:
-    """The issue's "must show" bar, on means over seeds; `pass` is None where an arm was not run.
+    """Each claim's bar, on means over seeds; `pass` is None where an arm was not run.
 
     With the real-data `floor` (see `real_floor`), the FD claim also reports the ratio of the two
-    arms' excess over it; the threshold stays on the raw FDs, as the issue states it.
+    arms' excess over it; the threshold stays on the raw FDs, as the claim states it.
     """
     claims: dict[str, dict] = {}
     base = arms.get("baseline")

@@ -90,7 +90,7 @@ def render_table(report: dict[str, Any]) -> str:
 
 
 def render_claims(report: dict[str, Any]) -> str:
-    """The issue's bar, one line per claim: PASS / FAIL / not measured, with the numbers compared."""
+    """The claims, one line each: PASS / FAIL / not measured, with the numbers compared."""
     lines = []
     for name, claim in report["claims"].items():
         status = {True: "PASS", False: "FAIL", None: "n/a "}[claim["pass"]]

@@ -1,4 +1,4 @@
-"""Worker batching and delivery details found by the load and fault campaign (issue 8).
+"""Worker batching and delivery details that only show under load and faults.
 
 - Redis times out a blocked XREADGROUP only on its `hz` tick (100 ms by default), so the batch-fill
   wait must not be a `BLOCK <max_wait_ms>`: it made a 5 ms wait cost up to 100 ms per request.
