@@ -432,6 +432,7 @@ def plot(results: dict, path: Path) -> None:
     fig.suptitle(
         f"{results['model']['preset']} ({results['model']['weights']}) on {results['machine']['cpu']}, "
         f"{THREADS} threads; ratio = ORT / eager throughput; 1-min load average {load[0]:.1f} → {load[1]:.1f}"
+        + ("" if results.get("quotable") else "; NOT QUOTABLE (loaded at start)")
     )
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -244,7 +244,7 @@ def plot(result: dict, path: Path) -> None:
     machine = result["machine"]
     fig.suptitle(
         f"{result['model']} — {machine['logical_cores']} cores, load average at start "
-        f"{machine['load_average_start'][0]}",
+        f"{machine['load_average_start'][0]}" + ("" if result.get("quotable") else " — NOT QUOTABLE"),
         fontsize=9,
     )
     fig.tight_layout()
