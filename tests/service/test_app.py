@@ -312,7 +312,7 @@ def test_models_probes_and_openapi(live) -> None:
 
 
 def test_not_ready_without_a_worker_and_503_without_redis(live, tiny_repository: Path) -> None:
-    from service.embedded import free_port
+    from service.launcher import free_port
     from tests.service.conftest import LiveServer, make_settings
 
     server, _ = live(worker=False)

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from export.tiny_repository import LATENT_MEAN, LATENT_STD, NULL_CLASS, tiny_modules, write_manifest
 from model.flow import TorchNetworks
 from model.sampling import SamplerConfig, generate
 from service.repository import ModelConfig, RepositoryError, resolve_version_dir
 from service.runtimes.base import Runtime
 from service.runtimes.onnxruntime import OnnxRuntime, ProviderUnavailable
-from tests.service.tiny_repo import LATENT_MEAN, LATENT_STD, NULL_CLASS, tiny_modules, write_manifest
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from export.tiny_repository import write_manifest
 from model.lightningdit import LightningDiT
 from model.pae import PAE
 from model.presets import get_preset
@@ -23,7 +24,6 @@ from model.vfm import build_vfm
 from service.repository import RepositoryError
 from service.runtimes.base import Runtime
 from service.runtimes.torch import TorchRuntime
-from tests.service.tiny_repo import write_manifest
 
 
 @pytest.fixture(scope="module")
