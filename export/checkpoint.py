@@ -19,10 +19,10 @@ import torch
 from safetensors.torch import load_file
 
 from export.manifest import sha256_file
-from model.flow import SamplerConfig
 from model.lightningdit import DiTConfig, LightningDiT
 from model.pae import PAE, PAEConfig
 from model.presets import Preset, get_preset
+from model.sampling import SamplerConfig
 from model.vfm import build_vfm
 
 CONFIG = "config.json"

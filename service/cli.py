@@ -89,17 +89,22 @@ def serve_main(argv: Sequence[str] | None = None) -> None:
 
     import uvicorn
 
-    from service.embedded import EmbeddedRedis, WorkerThread
+    from service.embedded import WorkerThread
+    from service.launcher import LaunchError
+    from service.redis_server import RedisServer
 
     # uvicorn re-raises the SIGTERM it handled once it has shut down; turning that into SystemExit
     # lets the `finally` below stop the embedded worker and redis-server instead of orphaning them.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    embedded: EmbeddedRedis | None = None
+    embedded: RedisServer | None = None
     worker: WorkerThread | None = None
     try:
         if settings.redis_url is None:
-            embedded = EmbeddedRedis()
-            url = embedded.start()
+            try:
+                embedded = RedisServer()
+                url = embedded.start()
+            except LaunchError as exc:
+                sys.exit(f"pae-serve: {exc}")
             os.environ["REDIS_URL"] = url
             worker = WorkerThread(replace(settings, redis_url=url), url)
             worker.start()

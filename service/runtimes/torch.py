@@ -16,13 +16,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from model.flow import SamplerConfig
+from model.flow import TorchNetworks
 from model.lightningdit import DiTConfig, LightningDiT
 from model.pae import PAE, PAEConfig
+from model.sampling import SamplerConfig
 from model.vfm import build_vfm
 from model.vfm.base import VFMSpec
 from service.repository import ModelConfig, RepositoryError, verify_files
-from service.runtimes.base import sample_images, warm_up
+from service.runtimes.base import generate_images, warm_up
 
 FILES: tuple[str, ...] = ("torch/config.json", "torch/pae.safetensors", "torch/dit_ema.safetensors")
 
@@ -73,6 +74,7 @@ class TorchRuntime:
         _load(self.dit, version_dir / FILES[2])
         self.pae.eval().to(self.device)
         self.dit.eval().to(self.device)
+        self.networks = TorchNetworks(self.dit, device=self.device)
 
     @torch.no_grad()
     def encode(self, images: np.ndarray) -> np.ndarray:
@@ -87,19 +89,10 @@ class TorchRuntime:
         return self._decode(torch.from_numpy(np.ascontiguousarray(latents, dtype=np.float32)))
 
     def generate(self, labels: np.ndarray, seeds: np.ndarray, sampler: SamplerConfig) -> np.ndarray:
-        return sample_images(
-            self.config,
-            labels,
-            seeds,
-            sampler,
-            self.dit,
-            None,
-            self._decode,
-            device=self.device,
-        )
+        return generate_images(self.config, self.networks, self._decode, labels, seeds, sampler)
 
     def warmup(self, max_batch: Mapping[str, int]) -> None:
-        warm_up(self.config, max_batch, self.encode, self.decode, (self.dit, None), device=self.device)
+        warm_up(self.config, max_batch, self.encode, self.decode, self.networks)
 
     def info(self) -> dict[str, object]:
         return {

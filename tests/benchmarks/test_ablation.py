@@ -1,4 +1,4 @@
-"""The ablation harness (issue 7): budgets and arms resolve to the intended training configs, the
+"""The ablation harness (benchmarks/ablation/): budgets and arms resolve to the intended training configs, the
 seed aggregation and the claim checks compute what they say, and the `micro` budget runs the real
 pipeline end to end on MNIST-5k into a well-formed, finite report."""
 
@@ -12,24 +12,13 @@ from typing import Any
 import pytest
 import torch
 
-from benchmarks.ablation import (
-    ARMS,
-    BUDGETS,
-    Budget,
-    FDProbe,
-    Plan,
-    aggregate,
-    budget_sets,
-    combine,
-    curve_stops,
-    evaluate_claims,
-    finite_json,
-    main,
-    reference_stats,
-    shipped_classifier,
-    write_report,
-)
-from benchmarks.plot_ablation import plot_curves, render_claims, render_table
+from benchmarks.ablation.aggregate import aggregate, combine
+from benchmarks.ablation.budgets import ARMS, BUDGETS, Budget, budget_sets, curve_stops
+from benchmarks.ablation.claims import evaluate_claims
+from benchmarks.ablation.cli import main
+from benchmarks.ablation.fd_probe import FDProbe, reference_stats
+from benchmarks.ablation.plan import Plan, shipped_classifier
+from benchmarks.ablation.report import finite_json, plot_curves, render_claims, render_table, write_report
 from model.presets import get_preset
 from training.distributed import DistEnv
 from training.metrics.frechet import EfficientNetLite2Features

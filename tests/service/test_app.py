@@ -15,7 +15,7 @@ import pytest
 import redis
 from PIL import Image
 
-from model.flow import SamplerConfig
+from model.sampling import SamplerConfig
 from service.broker import Keys
 from service.codecs import decode_image, to_uint8
 from service.runtimes.onnxruntime import OnnxRuntime
@@ -312,7 +312,7 @@ def test_models_probes_and_openapi(live) -> None:
 
 
 def test_not_ready_without_a_worker_and_503_without_redis(live, tiny_repository: Path) -> None:
-    from service.embedded import free_port
+    from service.launcher import free_port
     from tests.service.conftest import LiveServer, make_settings
 
     server, _ = live(worker=False)

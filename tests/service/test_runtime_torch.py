@@ -15,15 +15,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model.flow import SamplerConfig
+from export.tiny_repository import write_manifest
 from model.lightningdit import LightningDiT
 from model.pae import PAE
 from model.presets import get_preset
+from model.sampling import SamplerConfig
 from model.vfm import build_vfm
 from service.repository import RepositoryError
 from service.runtimes.base import Runtime
 from service.runtimes.torch import TorchRuntime
-from tests.service.tiny_repo import write_manifest
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from model.flow import SamplerConfig
+from model.sampling import SamplerConfig
 from training.distributed import barrier
 from training.feature_cache import FeatureCache
 from training.lpips import LPIPS
