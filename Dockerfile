@@ -48,7 +48,7 @@ COPY training/ training/
 RUN python3 -m venv /tmp/build \
  && /tmp/build/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
-# ---- torch (CPU build) for the export stage and the cpu-torch flavour ----
+# ---- torch (CPU build) for the export stage ----
 FROM base-cpu AS torch-cpu
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
@@ -82,9 +82,10 @@ RUN mkdir -p /models \
     fi
 
 # ---- serving dependencies, per flavour ----
-FROM torch-cpu AS serve-deps-cpu
+FROM base-cpu AS serve-deps-cpu
 COPY pyproject.toml /tmp/
-RUN python3 /opt/pae/requirements.py --pyproject /tmp/pyproject.toml deps serve > /tmp/requirements.txt \
+RUN python3 -m venv /opt/venv \
+ && python3 /opt/pae/requirements.py --pyproject /tmp/pyproject.toml deps serve > /tmp/requirements.txt \
  && /opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements.txt
 
 FROM base-cuda AS serve-deps-cuda
@@ -158,12 +159,16 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 CMD ["pa
 ENTRYPOINT ["pae-entrypoint"]
 CMD ["api"]
 
-# The torch flavour: the default image plus CPU torch, for RUNTIME=torch (the eager reference).
+# The torch flavour: the default image plus the `torch` extra (CPU torch first, from its index), for
+# RUNTIME=torch, the eager reference.
 FROM runtime-cpu AS cpu-torch
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 USER 0
-RUN /opt/venv/bin/pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+COPY pyproject.toml /tmp/
+RUN /opt/venv/bin/pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
+ && python3 /opt/pae/requirements.py --pyproject /tmp/pyproject.toml deps torch > /tmp/requirements.txt \
+ && /opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements.txt
 USER 10001:10001
 
 # The default target: ONNX Runtime on CPU.

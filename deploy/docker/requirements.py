@@ -10,7 +10,7 @@ rebuilds a few seconds of layers, not the dependencies. It needs only the standa
 inside the build before anything is installed.
 
 `lock` pins every package that the image's stages can pull (the closure of the build backend and
-the `serve` and `export` extras, evaluated in the dev venv) to the version that environment has. The image then
+the `serve`, `export` and `torch` extras, evaluated in the dev venv) to the version that environment has. The image then
 runs the same ONNX Runtime, NumPy and Pillow as `make run`, which is what makes its PNGs byte-identical
 to `tests/golden/`; rebuilding next month gives the same image, not whatever PyPI serves that day.
 """
@@ -26,7 +26,7 @@ import tomllib
 
 HERE = Path(__file__).resolve().parent
 CONSTRAINTS = HERE / "constraints.txt"
-LOCKED_EXTRAS = ("serve", "export")
+LOCKED_EXTRAS = ("serve", "export", "torch")
 HEADER = (
     "# Versions of every package the image can install; `make image-constraints` rewrites this file\n"
     "# from the dev venv (deploy/docker/requirements.py lock), so the image and `make run` agree.\n"
@@ -35,16 +35,28 @@ HEADER = (
 
 def project_requirements(pyproject: Path, extras: list[str], build: bool = False) -> list[str]:
     """`dependencies` and each named extra of `pyproject` (after the build backend's requirements if
-    `build`), in that order, once each."""
+    `build`), in that order, once each; an extra that names the project itself (`pae-stack[torch]`)
+    is replaced by that extra's requirements."""
     project = tomllib.loads(pyproject.read_text())
+    name = canonical(project["project"]["name"])
     optional = project["project"].get("optional-dependencies", {})
-    unknown = sorted(set(extras) - set(optional))
-    if unknown:
-        raise SystemExit(f"unknown extra(s) {unknown}; pyproject.toml has {sorted(optional)}")
+
+    def expand(extra: str) -> list[str]:
+        if extra not in optional:
+            raise SystemExit(f"unknown extra {extra!r}; pyproject.toml has {sorted(optional)}")
+        out = []
+        for requirement in optional[extra]:
+            match = re.fullmatch(r"\s*([A-Za-z0-9._-]+)\[([^\]]+)\]\s*", requirement)
+            if match and canonical(match.group(1)) == name:
+                out += [r for inner in match.group(2).split(",") for r in expand(inner.strip())]
+            else:
+                out.append(requirement)
+        return out
+
     ordered = list(project["build-system"]["requires"]) if build else []
     ordered += project["project"].get("dependencies", [])
     for extra in extras:
-        ordered += optional[extra]
+        ordered += expand(extra)
     return list(dict.fromkeys(ordered))
 
 
