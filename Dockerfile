@@ -102,25 +102,18 @@ RUN python3 -m venv /opt/venv \
       /opt/venv/bin/pip install --no-cache-dir "tensorrt-cu12==11.4.0.106"; \
     fi
 
-# ---- what a flavour adds to its dependencies: the package, the models, the role scripts ----
-FROM scratch AS app
-COPY --from=wheel /wheels /opt/pae/wheels
-COPY --from=models --chown=10001:10001 /models /models
-COPY --chmod=0755 deploy/docker/entrypoint.sh /usr/local/bin/pae-entrypoint
-COPY --chmod=0755 deploy/docker/healthcheck.py /usr/local/bin/pae-healthcheck
-
 # ---- the containers: uid 10001, read-only friendly (writes go to /tmp), a healthcheck per role ----
+# A flavour is its dependencies, this block, then the app layers (wheel, models) on top, so a source
+# change rebuilds only those. buildah caches no step of a `FROM scratch` stage, so there is none.
 FROM serve-deps-cpu AS runtime-cpu
 ARG MODEL_NAME=fmnist32-tiny
 LABEL org.opencontainers.image.title="pae-stack" \
       org.opencontainers.image.description="PAE tokenizer + LightningDiT service: api (pae-serve) and worker (pae-worker)" \
       org.opencontainers.image.licenses="Apache-2.0"
-# `app` is a scratch stage of this file holding only the files above.
-# hadolint ignore=DL3067
-COPY --from=app / /
-RUN /opt/venv/bin/pip install --no-cache-dir --no-deps /opt/pae/wheels/*.whl \
- && groupadd --system --gid 10001 pae \
+RUN groupadd --system --gid 10001 pae \
  && useradd --system --uid 10001 --gid pae --home-dir /home/pae --create-home --no-log-init pae
+COPY --chmod=0755 deploy/docker/entrypoint.sh /usr/local/bin/pae-entrypoint
+COPY --chmod=0755 deploy/docker/healthcheck.py /usr/local/bin/pae-healthcheck
 ENV PATH=/opt/venv/bin:${PATH} \
     MODEL_REPOSITORY=/models \
     MODEL_NAME=${MODEL_NAME} \
@@ -128,24 +121,21 @@ ENV PATH=/opt/venv/bin:${PATH} \
     WORKER_METRICS_PORT=9100 \
     XDG_CACHE_HOME=/tmp/.cache
 WORKDIR /home/pae
-USER 10001:10001
 EXPOSE 8000 9100
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 CMD ["pae-healthcheck"]
 ENTRYPOINT ["pae-entrypoint"]
 CMD ["api"]
 
-# The CUDA flavour: runtime-cpu's lines on the CUDA base (a stage cannot swap its base).
+# The CUDA flavour: runtime-cpu's block and the app layers on the CUDA base (a stage cannot swap its base).
 FROM serve-deps-cuda AS cuda
 ARG MODEL_NAME=fmnist32-tiny
 LABEL org.opencontainers.image.title="pae-stack" \
       org.opencontainers.image.description="PAE tokenizer + LightningDiT service: api (pae-serve) and worker (pae-worker)" \
       org.opencontainers.image.licenses="Apache-2.0"
-# `app` is a scratch stage of this file holding only the files above.
-# hadolint ignore=DL3067
-COPY --from=app / /
-RUN /opt/venv/bin/pip install --no-cache-dir --no-deps /opt/pae/wheels/*.whl \
- && groupadd --system --gid 10001 pae \
+RUN groupadd --system --gid 10001 pae \
  && useradd --system --uid 10001 --gid pae --home-dir /home/pae --create-home --no-log-init pae
+COPY --chmod=0755 deploy/docker/entrypoint.sh /usr/local/bin/pae-entrypoint
+COPY --chmod=0755 deploy/docker/healthcheck.py /usr/local/bin/pae-healthcheck
 ENV PATH=/opt/venv/bin:${PATH} \
     MODEL_REPOSITORY=/models \
     MODEL_NAME=${MODEL_NAME} \
@@ -153,23 +143,32 @@ ENV PATH=/opt/venv/bin:${PATH} \
     WORKER_METRICS_PORT=9100 \
     XDG_CACHE_HOME=/tmp/.cache
 WORKDIR /home/pae
-USER 10001:10001
 EXPOSE 8000 9100
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 CMD ["pae-healthcheck"]
 ENTRYPOINT ["pae-entrypoint"]
 CMD ["api"]
+COPY --from=models --chown=10001:10001 /models /models
+COPY --from=wheel /wheels /opt/pae/wheels
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps /opt/pae/wheels/*.whl
+USER 10001:10001
 
 # The torch flavour: the default image plus the `torch` extra (CPU torch first, from its index), for
-# RUNTIME=torch, the eager reference.
+# RUNTIME=torch, the eager reference. torch sits below the app layers, so a source change keeps it.
 FROM runtime-cpu AS cpu-torch
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-USER 0
 COPY pyproject.toml /tmp/
 RUN /opt/venv/bin/pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
  && python3 /opt/pae/requirements.py --pyproject /tmp/pyproject.toml deps torch > /tmp/requirements.txt \
  && /opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements.txt
+COPY --from=models --chown=10001:10001 /models /models
+COPY --from=wheel /wheels /opt/pae/wheels
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps /opt/pae/wheels/*.whl
 USER 10001:10001
 
 # The default target: ONNX Runtime on CPU.
 FROM runtime-cpu AS cpu
+COPY --from=models --chown=10001:10001 /models /models
+COPY --from=wheel /wheels /opt/pae/wheels
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps /opt/pae/wheels/*.whl
+USER 10001:10001

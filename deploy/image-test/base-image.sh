@@ -67,12 +67,12 @@ for i, cert in enumerate(extra):
     (target / f"host-ca-{i}.crt").write_text(cert + "\n")
 print(f"base-image: {len(extra)} host CA certificate(s) added", file=sys.stderr)
 EOF
-chroot "${rootfs}" update-ca-certificates >/dev/null
+chroot "${rootfs}" update-ca-certificates >/dev/null 2>&1
 
 tar -C "${rootfs}" --numeric-owner -c . | podman import \
     --change 'ENV LANG=C.UTF-8' \
     --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt' \
     --change 'CMD ["/bin/bash"]' \
-    - "${tag}" >/dev/null
+    - "${tag}" >"${work}/import.log" 2>&1 || { cat "${work}/import.log" >&2; exit 1; }
 echo "${tag}"

@@ -70,6 +70,21 @@ def wait_ready(url: str, timeout_s: float, alive: Callable[[], bool] = lambda: T
     raise TimeoutError(f"{url}/readyz did not answer 200 within {timeout_s:.0f} s")
 
 
+def not_ready_without_redis(url: str, timeout_s: float) -> tuple[bool, str]:
+    """Once the API answers at all, /readyz says 503 and names Redis (it is not there yet)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"{url}/readyz", timeout=5)
+        except httpx.HTTPError:
+            time.sleep(0.5)
+            continue
+        return response.status_code == 503 and "redis" in response.text.lower(), (
+            f"{response.status_code} {response.text[:160]}"
+        )
+    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
+
+
 def generate_matches_golden(url: str, cases: list[dict] = CASES) -> tuple[bool, str]:
     """POST each golden generate case (Accept: image/png); all PNGs equal the committed ones."""
     mismatched = []

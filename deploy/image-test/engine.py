@@ -17,14 +17,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-TOOLS = {
-    "podman": "podman",
-    "buildah": "buildah",
-    "runc": "runc",
-    "debootstrap": "debootstrap",
-    "podman-compose": "podman-compose",
-}
-# Beside the tools: netavark + aardvark-dns give compose networks DNS (service names resolve),
+# Debian packages. Beside the tools: netavark + aardvark-dns give compose networks DNS (service names resolve),
 # iptables lets netavark publish ports, uidmap and fuse-overlayfs are podman's usual companions.
 PACKAGES = (
     "podman",
@@ -56,22 +49,35 @@ def run(
     return subprocess.run(list(args), env=environment(), text=True, check=check, timeout=timeout, **kwargs)
 
 
+def missing_packages() -> list[str]:
+    """The PACKAGES dpkg does not list as installed (without dpkg: those whose command is missing)."""
+    if shutil.which("dpkg-query") is None:
+        return [name for name in PACKAGES if shutil.which(name) is None]
+    listing = subprocess.run(
+        ["dpkg-query", "--show", "--showformat=${Package} ${Status}\n", *PACKAGES],
+        capture_output=True,
+        text=True,
+    ).stdout
+    installed = {line.split()[0] for line in listing.splitlines() if line.endswith(" ok installed")}
+    return [name for name in PACKAGES if name not in installed]
+
+
 def install_host_tools() -> list[str]:
-    """apt-get install the container tools that are missing; returns what was installed."""
-    missing = [pkg for pkg, command in TOOLS.items() if shutil.which(command) is None]
+    """apt-get install the missing PACKAGES (root); returns what was installed."""
+    missing = missing_packages()
     if not missing:
         return []
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        raise SystemExit(f"missing {missing}; install them as root: apt-get install {' '.join(PACKAGES)}")
-    apt_env = {"DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], check=True, env={**os.environ, **apt_env})
+        raise SystemExit(f"missing {missing}; install them as root: apt-get install {' '.join(missing)}")
+    apt_env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=apt_env)
     subprocess.run(
-        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES],
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
         check=True,
-        env={**os.environ, **apt_env},
+        env=apt_env,
         stdout=subprocess.DEVNULL,
     )
-    return list(PACKAGES)
+    return missing
 
 
 def base_image() -> str:

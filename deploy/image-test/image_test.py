@@ -30,7 +30,6 @@ import wheelhouse
 REPO = engine.REPO
 sys.path.insert(0, str(REPO))
 
-
 from benchmarks.machine import describe, mark_quotable  # noqa: E402
 
 WORK = REPO / "runs" / "image-test"
@@ -57,25 +56,33 @@ def build_images(args: argparse.Namespace, phases: dict[str, float], log: Path) 
     tags = {"base": base, "cpu": f"{IMAGE}:cpu", "cpu-torch": f"{IMAGE}:cpu-torch"}
     with wheelhouse.serve(index_dir) as index_url:
         build_args = {"CPU_BASE": base, "TORCH_INDEX_URL": index_url, "TORCH_VERSION": TORCH_VERSION}
-        for target in ("cpu", "cpu-torch"):
-            phases[f"build_{target}"] = round(
-                engine.build(source, tags[target], target, build_args, log=log, no_cache=args.cold), 1
+
+        def build(phase: str, tag: str, target: str, no_cache: bool = False) -> float:
+            return timed(
+                phases, phase, engine.build, source, tag, target, build_args, log=log, no_cache=no_cache
             )
-            print(f"[{phases[f'build_{target}']:7.1f} s] build --target {target}", flush=True)
-        phases["rebuild_unchanged"] = round(engine.build(source, tags["cpu"], "cpu", build_args, log=log), 1)
-        print(f"[{phases['rebuild_unchanged']:7.1f} s] rebuild, nothing changed", flush=True)
+
+        for target in ("cpu", "cpu-torch"):
+            build(f"build_{target}", tags[target], target, no_cache=args.cold)
+        build("rebuild_unchanged", tags["cpu"], "cpu")
         with context.source_edited(source):
-            edited = engine.build(source, f"{IMAGE}:source-edit", "cpu", build_args, log=log)
-        phases["rebuild_after_source_change"] = round(edited, 1)
-        print(f"[{edited:7.1f} s] rebuild after a source-only change", flush=True)
+            build("rebuild_after_source_change", f"{IMAGE}:source-edit", "cpu")
         engine.run(["podman", "rmi", f"{IMAGE}:source-edit"], check=False)
-    stand_ins = engine.HERE
+    containerfile = engine.HERE / "Containerfile"
     for name in ("redis", "prometheus"):
         tags[name] = f"localhost/pae-image-test-{name}:latest"
-        seconds = engine.build(
-            stand_ins, tags[name], name, {"BASE": base}, file=stand_ins / "Containerfile", log=log
+        stand_in_args = {"BASE": base}
+        timed(
+            phases,
+            f"build_stand_in_{name}",
+            engine.build,
+            engine.HERE,
+            tags[name],
+            name,
+            stand_in_args,
+            file=containerfile,
+            log=log,
         )
-        phases[f"build_stand_in_{name}"] = round(seconds, 1)
     return tags
 
 
@@ -141,6 +148,18 @@ def container_checks(report: checks.Report, tags: dict[str, str], log: Path) -> 
         engine.run(["podman", "network", "rm", "--force", network], check=False)
         engine.run(["podman", "network", "create", network])
         redis_env = {"REDIS_URL": "redis://redis:6379/0"}
+        # Redis last: the roles must wait for it themselves (compose's start order is a courtesy).
+        worker = engine.Container.start(
+            "pae-image-test-worker", tags["cpu"], ["worker"], env=redis_env, publish=[9100], network=network
+        )
+        api2 = engine.Container.start(
+            "pae-image-test-api", tags["cpu"], ["api"], env=redis_env, publish=[8000], network=network
+        )
+        containers += [worker, api2]
+        report.attempt(
+            "api + worker + Redis: started before Redis, the API answers /readyz 503",
+            lambda: checks.not_ready_without_redis(api2.url(), READY_TIMEOUT_S),
+        )
         redis = engine.Container.start(
             "pae-image-test-redis",
             tags["redis"],
@@ -149,13 +168,7 @@ def container_checks(report: checks.Report, tags: dict[str, str], log: Path) -> 
             alias="redis",
             hardened=False,
         )
-        worker = engine.Container.start(
-            "pae-image-test-worker", tags["cpu"], ["worker"], env=redis_env, publish=[9100], network=network
-        )
-        api2 = engine.Container.start(
-            "pae-image-test-api", tags["cpu"], ["api"], env=redis_env, publish=[8000], network=network
-        )
-        containers += [redis, worker, api2]
+        containers.append(redis)
         ready["api_worker_redis"] = serving_checks(report, "api + worker + Redis", api2, worker.url(9100))
         report.check("api + worker + Redis: worker healthcheck passes", worker.healthcheck())
         report.attempt(
