@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compose", action="store_true", help="skip the podman-compose stack")
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "image_test.json")
     args = parser.parse_args(argv)
+    extra = " ".join(sys.argv[1:] if argv is None else argv)
     WORK.mkdir(parents=True, exist_ok=True)
     log = WORK / "build.log"
     log.write_text("")
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = {name: engine.image_size(tag) for name, tag in tags.items()}
     result = {
         "machine": {**machine, "load_average_end": [round(v, 2) for v in os.getloadavg()]},
-        "command": "make image-test" + (" IMAGE_TEST_ARGS=--cold" if args.cold else ""),
+        "command": "make image-test" + (f" IMAGE_TEST_ARGS='{extra}'" if extra else ""),
         "build_cache": "none (--no-cache)"
         if args.cold
         else ("warm" if images_before else "cold (empty store)"),
