@@ -5,7 +5,7 @@
 For each arm — `baseline` (SSR, MCR and SCR weights 0: reconstruction, LPIPS and GAN only, the same
 architecture), `ssr`, `mcr`, `scr` (that term alone at the preset's weight) and `pae` (all three) —
 the harness drives the training pipeline (`training.stages.pipeline.run_stage`) with the same
-budgets and seeds: tokenizer → latents → LightningDiT → eval. Only the loss weights differ between
+budgets and seeds: tokenizer → latents → generator → evaluate. Only the loss weights differ between
 arms (`--set tokenizer.<term>_weight=0`), so every difference in the numbers comes from them.
 
 What is shared, because it does not depend on the arm: the frozen VFM's feature cache (`--cache`,
@@ -14,12 +14,12 @@ the pipeline's default, so a finished `make train` already holds it), the refine
 (the preset's committed one where the run uses the preset's data: `shipped_classifier`), and the
 reference statistics of the real images for the Fréchet distance.
 
-Generation FD follows the eval stage's protocol exactly — `gen_samples` class-balanced samples, image
+Generation FD follows the evaluate stage's protocol exactly — `gen_samples` class-balanced samples, image
 i from seed `gen_seed + i`, the preset's sampler, EfficientNet-Lite2 features against the first
 `reference_samples` images of the evaluation split — so the curve's last point, `gen.fd` and
 `few_step[<preset steps>]` are one and the same measurement. The report also holds the real-data
 floor: the FD that held-out real images score under the same protocol (`real_floor`). The curve is measured at fixed DiT-step
-intervals by stopping the DiT stage there (`stop_at`, which checkpoints), sampling from the EMA weights
+intervals by stopping the generator stage there (`stop_at`, which checkpoints), sampling from the EMA weights
 in its resume state, and resuming: resume is exact, so the arm's DiT is the one an uninterrupted run
 would train. Few-step FD re-samples the final EMA DiT with only the Euler step count changed.
 
@@ -60,7 +60,7 @@ from benchmarks.plot_ablation import plot_curves, render_claims, render_table
 from model.flow import SamplerConfig
 from model.lightningdit import LightningDiT
 from model.pae import PAE
-from model.presets import PRESETS, Preset, get_preset
+from model.presets import PRESETS
 from training.checkpoint import (
     CheckpointError,
     load_tensors,
@@ -75,6 +75,7 @@ from training.checkpoint import (
 from training.data import LabeledImages
 from training.distributed import DistEnv, init_distributed
 from training.metrics.frechet import EfficientNetLite2Features, GaussianStats, frechet_distance_from_stats
+from training.recipes import Recipe, get_recipe
 from training.stages import assets
 from training.stages.context import METRICS_FILE, StageContext, resolve_context
 from training.stages.grid import generate
@@ -138,7 +139,7 @@ class Budget:
 # and Euler step (CFG interval on), EfficientNet-Lite2 0.18 per image, one 1280-d FD 0.7. With the
 # preset at 2000 tokenizer + 2500 DiT steps, `quick` gives its two arms 40 % of the preset's
 # tokenizer steps and a quarter of its DiT steps (800 + 625) and saves on measurement (250 samples,
-# few-step FD on PAE alone). `full` trains with the preset's budget and measures with the eval
+# few-step FD on PAE alone). `full` trains with the preset's budget and measures with the evaluate
 # stage's own sample counts.
 QUICK = Budget(
     name="quick",
@@ -185,13 +186,13 @@ BUDGETS: dict[str, Budget] = {
             ("refine.batch_size", "8"),
             ("refine.depth", "1"),
             ("tokenizer.batch_size", "2"),
-            ("dit.batch_size", "4"),
-            ("dit_arch.depth", "1"),
-            ("eval.num_recon", "8"),
-            ("eval.batch_size", "8"),
-            ("eval.ssc_samples", "6"),
-            ("eval.lpc_samples", "2"),
-            ("eval.classifier_steps", "3"),
+            ("generator.batch_size", "4"),
+            ("dit.depth", "1"),
+            ("evaluate.num_recon", "8"),
+            ("evaluate.batch_size", "8"),
+            ("evaluate.ssc_samples", "6"),
+            ("evaluate.lpc_samples", "2"),
+            ("evaluate.classifier_steps", "3"),
         ),
         writes_results=False,
     ),
@@ -206,11 +207,12 @@ def _scaled(value: int, ratio: float) -> int:
     return round(value * ratio)
 
 
-def budget_sets(budget: Budget, preset: Preset) -> dict[str, str]:
+def budget_sets(budget: Budget, recipe: Recipe) -> dict[str, str]:
     """The `--set` overrides every arm of `budget` shares (before the arm's own loss weights)."""
-    tok, dit = preset.tokenizer_train, preset.dit_train
+    tok, dit = recipe.tokenizer, recipe.generator
     t_steps = _steps(budget.tokenizer_steps, budget.tokenizer_scale, tok.steps)
     r = t_steps / tok.steps
+    r_steps = _steps(budget.refine_steps, budget.refine_scale, recipe.refine.steps)
     d_steps = _steps(budget.dit_steps, budget.dit_scale, dit.steps)
     if budget.curve_points < 1:
         raise ValueError(f"budget {budget.name!r}: curve_points must be >= 1, got {budget.curve_points}")
@@ -221,16 +223,20 @@ def budget_sets(budget: Budget, preset: Preset) -> dict[str, str]:
         "tokenizer.disc_start_step": str(_scaled(tok.disc_start_step, r)),
         "tokenizer.log_every": str(min(tok.log_every, t_steps)),
         "tokenizer.ckpt_every": str(min(tok.ckpt_every, t_steps)),
-        "tokenizer.refine_steps": str(_steps(budget.refine_steps, budget.refine_scale, tok.refine_steps)),
-        "dit.steps": str(d_steps),
-        "dit.warmup_steps": str(_scaled(dit.warmup_steps, d_steps / dit.steps)),
-        "dit.log_every": str(min(dit.log_every, d_steps)),
+        "refine.steps": str(r_steps),
+        # Refine warms up like the scaled tokenizer, for at most a tenth of its steps.
+        "refine.warmup_steps": str(min(_scaled(tok.warmup_steps, r), r_steps // 10)),
+        "refine.log_every": str(min(recipe.refine.log_every, r_steps)),
+        "refine.ckpt_every": str(min(recipe.refine.ckpt_every, r_steps)),
+        "generator.steps": str(d_steps),
+        "generator.warmup_steps": str(_scaled(dit.warmup_steps, d_steps / dit.steps)),
+        "generator.log_every": str(min(dit.log_every, d_steps)),
         # The DiT checkpoints (and pauses for an FD point) every curve interval.
-        "dit.ckpt_every": str(max(1, d_steps // budget.curve_points)),
-        "dit.sample_every": str(d_steps),
-        "eval.gen_num_samples": str(budget.gen_samples),
-        "eval.fd_samples": str(budget.reference_samples),
-        "eval.fd_network": FD_NETWORK,
+        "generator.ckpt_every": str(max(1, d_steps // budget.curve_points)),
+        "generator.sample_every": str(d_steps),
+        "evaluate.gen_num_samples": str(budget.gen_samples),
+        "evaluate.fd_samples": str(budget.reference_samples),
+        "evaluate.fd_network": FD_NETWORK,
     }
     if budget.train_per_class is not None:
         sets["data.train_per_class"] = str(budget.train_per_class)
@@ -240,14 +246,14 @@ def budget_sets(budget: Budget, preset: Preset) -> dict[str, str]:
 
 def curve_stops(total: int, points: int) -> list[int]:
     """The DiT steps before the end where FD is measured: k·total // points for k = 1 … points − 1.
-    The last of the `points` is the end itself (the eval stage's measurement), so no point lands a
+    The last of the `points` is the end itself (the evaluate stage's measurement), so no point lands a
     step before it, as `range(total // points, total, total // points)` would when points ∤ total."""
     return sorted({k * total // points for k in range(1, points)} - {0})
 
 
 def needs_refine(ctx: StageContext) -> bool:
     """The tokenizer reads the refined targets only through SSR and SCR."""
-    tok = ctx.preset.tokenizer_train
+    tok = ctx.recipe.tokenizer
     return tok.ssr_weight > 0 or tok.scr_weight > 0
 
 
@@ -269,7 +275,7 @@ class Plan:
     def sets(self, arm: str) -> dict[str, str]:
         """Budget overrides, then the caller's `--set`, then the arm's zeroed loss weights: a
         `--set tokenizer.ssr_weight=…` changes SSR's weight in the arms that train with SSR only."""
-        return {**budget_sets(self.budget, get_preset(self.preset)), **self.extra_sets, **ARMS[arm]}
+        return {**budget_sets(self.budget, get_recipe(self.preset)), **self.extra_sets, **ARMS[arm]}
 
     def runs(self) -> list[tuple[int, str]]:
         """(seed, arm) pairs in the order they train: every arm at the first seed, then the rest."""
@@ -312,11 +318,11 @@ class Plan:
         }
 
 
-# --- generation FD at the eval stage's protocol --------------------------------------------------
+# --- generation FD at the evaluate stage's protocol ----------------------------------------------
 
 
 class FDProbe:
-    """Generation FD exactly as the eval stage measures `gen.fd`, for any DiT weights and sampler.
+    """Generation FD exactly as the evaluate stage measures `gen.fd`, for any DiT weights and sampler.
 
     `num_samples` class-balanced labels (i mod C), image i from seed `seed + i`, decoded by the EMA
     tokenizer, EfficientNet-Lite2 features against the fixed real reference statistics.
@@ -327,9 +333,9 @@ class FDProbe:
     ) -> None:
         self.network = network
         self.reference = reference
-        self.num_samples = ctx.eval.gen_num_samples
-        self.seed = ctx.eval.gen_seed
-        self.batch_size = ctx.eval.batch_size
+        self.num_samples = ctx.recipe.evaluate.gen_num_samples
+        self.seed = ctx.recipe.evaluate.gen_seed
+        self.batch_size = ctx.recipe.evaluate.batch_size
 
     @torch.no_grad()
     def __call__(
@@ -363,7 +369,7 @@ def _real_features(
     meta = {
         "dataset": ctx.preset.dataset,
         "data_root": str(ctx.data_root),
-        "split": ctx.eval.split,
+        "split": ctx.recipe.evaluate.split,
         "start": str(start),
         "count": str(count),
         "network": network.name,
@@ -375,28 +381,28 @@ def _real_features(
     if feats is None:
         device = next(network.parameters()).device
         rows = []
-        for first in range(start, start + count, ctx.eval.batch_size):
-            idx = range(first, min(first + ctx.eval.batch_size, start + count))
+        for first in range(start, start + count, ctx.recipe.evaluate.batch_size):
+            idx = range(first, min(first + ctx.recipe.evaluate.batch_size, start + count))
             x = torch.stack([data[i][0] for i in idx]).to(device)
             rows.append(network.features(x).cpu())
         feats = torch.cat(rows)
         save_tensors(cache_file, {"features": feats}, meta)
     stats = GaussianStats(network.dim)
-    for first in range(0, feats.shape[0], ctx.eval.batch_size):
-        stats.update(feats[first : first + ctx.eval.batch_size])
+    for first in range(0, feats.shape[0], ctx.recipe.evaluate.batch_size):
+        stats.update(feats[first : first + ctx.recipe.evaluate.batch_size])
     return stats
 
 
 def reference_count(ctx: StageContext, available: int) -> int:
-    """How many of the `available` evaluation images form the real reference set (the eval stage's
+    """How many of the `available` evaluation images form the real reference set (the evaluate stage's
     `fd_samples`)."""
-    count = available if ctx.eval.num_recon == 0 else min(ctx.eval.num_recon, available)
-    return count if ctx.eval.fd_samples == 0 else min(ctx.eval.fd_samples, count)
+    count = available if ctx.recipe.evaluate.num_recon == 0 else min(ctx.recipe.evaluate.num_recon, available)
+    return count if ctx.recipe.evaluate.fd_samples == 0 else min(ctx.recipe.evaluate.fd_samples, count)
 
 
 def reference_stats(ctx: StageContext, network: EfficientNetLite2Features, cache_file: Path) -> GaussianStats:
-    """The eval stage's real set: the first `reference_count` evaluation images."""
-    data = assets.dataset(ctx, ctx.eval.split)
+    """The evaluate stage's real set: the first `reference_count` evaluation images."""
+    data = assets.dataset(ctx, ctx.recipe.evaluate.split)
     return _real_features(ctx, data, network, 0, reference_count(ctx, len(data)), cache_file)
 
 
@@ -408,12 +414,12 @@ def real_floor(probe: FDProbe, ctx: StageContext, directory: Path) -> dict[str, 
     arm's FD over it is the part a better latent can remove. The images are the evaluation split's
     next `num_samples` after the reference set (disjoint from it); None where the split is too small.
     """
-    data = assets.dataset(ctx, ctx.eval.split)
+    data = assets.dataset(ctx, ctx.recipe.evaluate.split)
     start, count = reference_count(ctx, len(data)), probe.num_samples
-    images = f"{ctx.eval.split}[{start}:{start + count}]"
+    images = f"{ctx.recipe.evaluate.split}[{start}:{start + count}]"
     if start + count > len(data):
         return {"fd": None, "images": images, "note": "the evaluation split has too few images"}
-    cache = directory / f"floor_{ctx.eval.split}_{start}_{count}.safetensors"
+    cache = directory / f"floor_{ctx.recipe.evaluate.split}_{start}_{count}.safetensors"
     stats = _real_features(ctx, data, probe.network, start, count, cache)
     fd = float(frechet_distance_from_stats(stats, probe.reference, probe.network.name)["fd"])
     return {"fd": fd, "images": images}
@@ -421,7 +427,7 @@ def real_floor(probe: FDProbe, ctx: StageContext, directory: Path) -> dict[str, 
 
 def ema_dit_at_resume(ctx: StageContext) -> LightningDiT:
     """The DiT's EMA weights as saved in its resume state (the point where `stop_at` paused it)."""
-    path = resume_dir(ctx.out, "dit") / "state.safetensors"
+    path = resume_dir(ctx.out, "generator") / "state.safetensors"
     prefix = "ema.dit."
     shadow = {k[len(prefix) :]: v for k, v in load_tensors(path).items() if k.startswith(prefix)}
     dit = LightningDiT(ctx.preset.dit)
@@ -466,15 +472,16 @@ def share_refine(plan: Plan, seed: int, directory: Path) -> bool:
 
 
 def shipped_classifier(plan: Plan) -> Path | None:
-    """The preset's committed conditional-accuracy judge, when this run's eval would train the same
-    one: the preset's own data and classifier settings. The eval stage trains it from a fixed seed on
-    the training split (~150 s on 2 cores), and the one it trained for the quick run at 2 threads is
-    byte-identical to the committed file, so reusing it saves that time and makes `cond_acc` the
-    default model's judge. None for another dataset, data root or `data.*` / `eval.classifier_*` set."""
+    """The preset's committed conditional-accuracy judge, when this run's evaluate stage would train
+    the same one: the preset's own data and classifier settings. The evaluate stage trains it from a
+    fixed seed on the training split (~150 s on 2 cores), and the one it trained for the quick run at
+    2 threads is byte-identical to the committed file, so reusing it saves that time and makes
+    `cond_acc` the default model's judge. None for another dataset, data root or `data.*` /
+    `evaluate.classifier_*` set."""
     if plan.dataset or plan.budget.dataset or plan.data_root:
         return None
     keys = [*dict(plan.budget.sets), *plan.extra_sets]
-    if any(k.startswith(("data.", "eval.classifier_")) for k in keys):
+    if any(k.startswith(("data.", "evaluate.classifier_")) for k in keys):
         return None
     path = CHECKPOINTS_DIR / plan.preset / assets.CLASSIFIER_FILE
     return path if path.is_file() else None
@@ -523,21 +530,21 @@ def run_arm(plan: Plan, seed: int, arm: str, probe_for: Any) -> dict[str, Any]:
     for stage in ("tokenizer", "latents"):
         run_timed(plan.context(directory, arm, stage, seed), stage)
 
-    dit_ctx = plan.context(directory, arm, "dit", seed)
-    total = dit_ctx.preset.dit_train.steps
+    dit_ctx = plan.context(directory, arm, "generator", seed)
+    total = dit_ctx.recipe.generator.steps
     probe: FDProbe = probe_for(dit_ctx)
     for stop in curve_stops(total, plan.budget.curve_points):
         if str(stop) in state["curve"]:
             continue
-        if dit_ctx.is_done("dit") or (resume_step(directory, "dit") or 0) > stop:
+        if dit_ctx.is_done("generator") or (resume_step(directory, "generator") or 0) > stop:
             raise AblationError(
                 f"{directory}: the DiT is already past step {stop} but its FD there was not measured; "
                 "use a new --out"
             )
         t0 = time.perf_counter()
-        run_stage(plan.context(directory, arm, "dit", seed, stop_at=stop), "dit")
-        timed("dit", t0)
-        if resume_step(directory, "dit") != stop:
+        run_stage(plan.context(directory, arm, "generator", seed, stop_at=stop), "generator")
+        timed("generator", t0)
+        if resume_step(directory, "generator") != stop:
             raise CheckpointError(f"{directory}: the DiT did not pause at step {stop}")
         t0 = time.perf_counter()
         pae = assets.load_pae(dit_ctx, ema=True)
@@ -545,18 +552,18 @@ def run_arm(plan: Plan, seed: int, arm: str, probe_for: Any) -> dict[str, Any]:
         state["curve"][str(stop)] = probe(ema_dit_at_resume(dit_ctx), pae, dit_ctx.preset.sampler, mean, std)
         _say(f"seed {seed} {arm}: DiT step {stop}: FD {state['curve'][str(stop)]:.4g}")
         timed("curve_fd", t0)
-    run_timed(dit_ctx, "dit")
+    run_timed(dit_ctx, "generator")
 
-    eval_ctx = plan.context(directory, arm, "eval", seed)
+    eval_ctx = plan.context(directory, arm, "evaluate", seed)
     if plan.classifier.is_file():
         _copy_if_changed(plan.classifier, directory / assets.CLASSIFIER_FILE)
-    run_timed(eval_ctx, "eval")
+    run_timed(eval_ctx, "evaluate")
     if not plan.classifier.is_file() and (directory / assets.CLASSIFIER_FILE).is_file():
         shutil.copyfile(directory / assets.CLASSIFIER_FILE, plan.classifier)
     metrics = read_json(directory / METRICS_FILE)
     gen = metrics["gen"]
     if gen["num_samples"] != probe.num_samples or gen["seed"] != probe.seed:
-        raise CheckpointError(f"{directory}: eval's generation protocol differs from the harness's")
+        raise CheckpointError(f"{directory}: evaluate's generation protocol differs from the harness's")
     state["curve"][str(total)] = gen["fd"]
 
     sampler = eval_ctx.preset.sampler
@@ -566,7 +573,7 @@ def run_arm(plan: Plan, seed: int, arm: str, probe_for: Any) -> dict[str, Any]:
         if str(steps) in state["few_step"]:
             continue
         if steps == sampler.steps:
-            state["few_step"][str(steps)] = gen["fd"]  # the eval stage's own measurement
+            state["few_step"][str(steps)] = gen["fd"]  # the evaluate stage's own measurement
             save()
             continue
         t0 = time.perf_counter()
@@ -771,9 +778,7 @@ def machine(env: DistEnv, threads: int) -> dict[str, Any]:
 
 
 def _loss_weights(plan: Plan, arm: str) -> dict[str, float]:
-    tok = plan.context(
-        plan.arm_dir(plan.seeds[0], arm), arm, "tokenizer", plan.seeds[0]
-    ).preset.tokenizer_train
+    tok = plan.context(plan.arm_dir(plan.seeds[0], arm), arm, "tokenizer", plan.seeds[0]).recipe.tokenizer
     return {"ssr": tok.ssr_weight, "mcr": tok.mcr_weight, "scr": tok.scr_weight}
 
 
@@ -788,7 +793,8 @@ def run(plan: Plan, threads: int) -> dict[str, Any]:
         """One probe for the whole run (built on first use): every arm is measured identically."""
         if not probes:
             network = EfficientNetLite2Features().to(plan.env.device)
-            cache = plan.out / f"reference_{ctx.eval.split}_{ctx.eval.fd_samples}.safetensors"
+            evaluation = ctx.recipe.evaluate
+            cache = plan.out / f"reference_{evaluation.split}_{evaluation.fd_samples}.safetensors"
             probes.append(FDProbe(network, reference_stats(ctx, network, cache), ctx))
         return probes[0]
 
@@ -800,27 +806,30 @@ def run(plan: Plan, threads: int) -> dict[str, Any]:
         _say(f"seed {seed}, arm {arm}: training and measuring in {plan.arm_dir(seed, arm)}")
         per_seed.setdefault(arm, {})[seed] = run_arm(plan, seed, arm, probe_for)
 
-    sample_ctx = plan.context(plan.arm_dir(plan.seeds[0], plan.arms[0]), plan.arms[0], "eval", plan.seeds[0])
+    sample_ctx = plan.context(
+        plan.arm_dir(plan.seeds[0], plan.arms[0]), plan.arms[0], "evaluate", plan.seeds[0]
+    )
     floor = real_floor(probe_for(sample_ctx), sample_ctx, plan.out)
     _say(f"real-data floor ({floor['images']}): FD {floor['fd']}")
     arms, few = combine(per_seed)
-    p = sample_ctx.preset
+    p, recipe = sample_ctx.preset, sample_ctx.recipe
+    dit_steps = recipe.generator.steps
     report["budget"] = {
         "name": plan.budget.name,
         "preset": plan.preset,
         "dataset": p.dataset,
-        "train_per_class": p.train_per_class,
-        "refine_steps": p.tokenizer_train.refine_steps,
-        "tokenizer_steps": p.tokenizer_train.steps,
-        "dit_steps": p.dit_train.steps,
-        "curve_steps": [*curve_stops(p.dit_train.steps, plan.budget.curve_points), p.dit_train.steps],
+        "train_per_class": recipe.data.train_per_class,
+        "refine_steps": recipe.refine.steps,
+        "tokenizer_steps": recipe.tokenizer.steps,
+        "dit_steps": dit_steps,
+        "curve_steps": [*curve_stops(dit_steps, plan.budget.curve_points), dit_steps],
         "seeds": {arm: sorted(per_seed[arm]) for arm in per_seed},
         "loss_weights": {arm: _loss_weights(plan, arm) for arm in plan.arms},
         "fd": {
             "network": FD_NETWORK,
-            "num_samples": sample_ctx.eval.gen_num_samples,
-            "seed": sample_ctx.eval.gen_seed,
-            "reference": {"split": sample_ctx.eval.split, "num_samples": sample_ctx.eval.fd_samples},
+            "num_samples": recipe.evaluate.gen_num_samples,
+            "seed": recipe.evaluate.gen_seed,
+            "reference": {"split": recipe.evaluate.split, "num_samples": recipe.evaluate.fd_samples},
             "sampler": to_jsonable(p.sampler),
             "few_step_sampler": "the same, with only `steps` changed",
             "real_floor": floor,
@@ -828,11 +837,11 @@ def run(plan: Plan, threads: int) -> dict[str, Any]:
         "extra_sets": plan.extra_sets,
         "classifier": str(shipped.relative_to(CHECKPOINTS_DIR.parent))
         if shipped is not None and plan.classifier.read_bytes() == shipped.read_bytes()
-        else "trained by the first arm's eval stage",
+        else "trained by the first arm's evaluate stage",
     }
     report["arms"] = arms
     report["few_step"] = few
-    report["claims"] = evaluate_claims(arms, few, p.dit_train.steps, floor["fd"])
+    report["claims"] = evaluate_claims(arms, few, dit_steps, floor["fd"])
     report["machine"]["load_average_end"] = list(os.getloadavg())
     # `wall_s` is this invocation only (a resumed run skips what is done); `arms_wall_s` is what
     # training and measuring every arm cost, summed over all the invocations that built them.
@@ -951,7 +960,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         for arm in arms:
-            plan.context(plan.arm_dir(seeds[0], arm), arm, "dit", seeds[0])
+            plan.context(plan.arm_dir(seeds[0], arm), arm, "generator", seeds[0])
         report = run(plan, torch.get_num_threads())
     except (ValueError, AblationError) as exc:
         raise SystemExit(f"ablation: {exc}") from None
