@@ -1,4 +1,4 @@
-"""LightningDiT: the class-conditional velocity network that generates PAE latents (PAE_SPEC §3).
+"""LightningDiT: the class-conditional velocity network that generates PAE latents (used unmodified by PAE).
 
 Pre-norm transformer blocks with RMSNorm, adaLN-Zero conditioning, SwiGLU MLPs, 2-D rotary plus
 absolute sin-cos positions. Time follows SiT (t = 0 noise, t = 1 data) and the network predicts the

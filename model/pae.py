@@ -1,9 +1,9 @@
 """PAE tokenizer: frozen VFM → DAM → projector → RMS sphere latent → deprojector → ViT pixel decoder.
 
-Shapes at paper scale (DINOv2-L/14 at 224 px, PAE_SPEC §1): image B×3×256×256 → VFM tokens B×256×1024 →
-DAM output B×256×1024 → latent B×32×16×16 (every token on the sphere of radius √32) → decoder tokens
-B×256×1024 → image B×3×256×256 ≈ [0, 1]. The frozen VFM is held outside the module tree, so checkpoints,
-optimisers and `parameters()` only ever see PAE's own weights.
+Shapes at paper scale (DINOv2-L/14 at 224 px, the paper's default VFM): image B×3×256×256 → VFM
+tokens B×256×1024 → DAM output B×256×1024 → latent B×32×16×16 (every token on the sphere of radius
+√32) → decoder tokens B×256×1024 → image B×3×256×256 ≈ [0, 1]. The frozen VFM is held outside the
+module tree, so checkpoints, optimisers and `parameters()` only ever see PAE's own weights.
 """
 
 from __future__ import annotations
