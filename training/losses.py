@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.pae import sphere_norm
+from model.validation import non_negative_numbers
 
 Decode = Callable[[torch.Tensor], torch.Tensor]
 Perceptual = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -214,10 +215,7 @@ class LossWeights:
     gan_max_weight: float = 1e4
 
     def __post_init__(self) -> None:
-        for name in (*_TERM_WEIGHTS, "gan_max_weight"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"loss weight {name} must be finite and ≥ 0, got {value}")
+        non_negative_numbers(self, *_TERM_WEIGHTS, "gan_max_weight")
 
     @classmethod
     def from_config(cls, cfg: object) -> LossWeights:

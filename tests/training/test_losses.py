@@ -205,7 +205,7 @@ def test_loss_weights_from_config() -> None:
     from_recipe = LossWeights.from_config(recipe_cfg)
     assert from_recipe.mcr_weight == recipe_cfg.mcr_weight
     assert from_recipe.adaptive_gan_weight == recipe_cfg.adaptive_gan_weight
-    with pytest.raises(ValueError, match="gan_weight must be finite"):
+    with pytest.raises(ValueError, match=r"LossWeights\.gan_weight must be a finite number ≥ 0"):
         LossWeights(gan_weight=-1.0)
 
 
