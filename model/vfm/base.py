@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.validation import one_of, positive_ints
+
 VFM_KINDS = ("efficientnet-lite0", "efficientnet-lite2", "dinov2", "dinov3", "siglip2", "mae")
 CNN_KINDS = ("efficientnet-lite0", "efficientnet-lite2")
 
@@ -54,12 +56,8 @@ class VFMSpec:
     std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self) -> None:
-        if self.kind not in VFM_KINDS:
-            raise ValueError(f"VFMSpec.kind must be one of {VFM_KINDS}, got {self.kind!r}")
-        for name in ("input_size", "dim", "heads", "grid"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"VFMSpec.{name} must be a positive int, got {value!r}")
+        one_of(self, "kind", VFM_KINDS)
+        positive_ints(self, "input_size", "dim", "heads", "grid")
         if self.input_size % self.grid:
             raise ValueError(f"VFMSpec.input_size {self.input_size} is not a multiple of grid {self.grid}")
         if self.dim % self.heads:

@@ -33,17 +33,18 @@ REFINE_FILE = "refine.safetensors"
 def dataset(ctx: StageContext, split: str) -> LabeledImages:
     """The preset's dataset split at the tokenizer's image size (no augmentation: flips are explicit).
 
-    The training split is cut to `preset.train_per_class` images per class when that is set.
+    The training split is cut to the recipe's `data.train_per_class` images per class when that is set.
     """
     data = build_dataset(ctx.preset.dataset, split, root=ctx.data_root, image_size=ctx.preset.pae.image_size)
-    if split == "train" and ctx.preset.train_per_class:
-        return ClassBalancedSubset(data, ctx.preset.train_per_class)
+    per_class = ctx.recipe.data.train_per_class
+    if split == "train" and per_class:
+        return ClassBalancedSubset(data, per_class)
     return data
 
 
 def dataset_key(ctx: StageContext) -> str:
     """The dataset's name in cache keys: the subset size is part of it, so caches never mix."""
-    per_class = ctx.preset.train_per_class
+    per_class = ctx.recipe.data.train_per_class
     return f"{ctx.preset.dataset}-{per_class}pc" if per_class else ctx.preset.dataset
 
 
@@ -106,7 +107,7 @@ def load_pae(ctx: StageContext, ema: bool = True, with_vfm: bool = False) -> PAE
 def load_dit_ema(ctx: StageContext) -> LightningDiT:
     path = ctx.out / DIT_EMA_FILE
     if not path.is_file():
-        raise CheckpointError(f"{path} not found: run the dit stage into {ctx.out} first")
+        raise CheckpointError(f"{path} not found: run the generator stage into {ctx.out} first")
     dit = LightningDiT(ctx.preset.dit)
     load_module(dit, load_tensors(path), str(path))
     return dit.to(ctx.env.device).eval()
