@@ -10,7 +10,6 @@ weights are never copied), and one record per finished stage.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from model.hashing import sha256_file
 from model.presets import Preset, get_preset
 from model.vfm.base import CNN_KINDS
 from model.vfm.efficientnet import bundled_weights_path
@@ -187,7 +187,7 @@ def vfm_reference(preset: Preset, fingerprint: str | None = None) -> dict[str, A
             ref["package"] = package
         weights = bundled_weights_path(spec.kind)
         ref["weights_file"] = weights.name
-        ref["weights_sha256"] = file_digest(weights) if weights.is_file() else None
+        ref["weights_sha256"] = sha256_file(weights) if weights.is_file() else None
     else:
         ref["path"] = spec.path
     if fingerprint is not None:
@@ -288,12 +288,3 @@ def _with_dataset(preset: Preset, name: str, root: str | None) -> Preset:
         )
     # The preset's per-class subset is sized for its own dataset; another dataset starts whole.
     return dataclasses.replace(preset, dataset=name, class_names=tuple(data.class_names), train_per_class=0)
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """sha256 of a file, for records that tie derived data to the weights that made it."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

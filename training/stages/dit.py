@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from model.flow import flow_loss, interpolate, sample_training_t
+from model.hashing import sha256_file
 from model.lightningdit import LightningDiT
 from training.distributed import ShardedBatches, barrier, wrap_ddp
 from training.optim import EMA, build_adamw, build_scheduler
@@ -33,7 +34,7 @@ from training.stages.common import (
     train_loop,
     train_summary,
 )
-from training.stages.context import StageContext, file_digest
+from training.stages.context import StageContext
 from training.stages.grid import class_grid
 from training.stages.latents import LatentShards
 from training.stages.tokenizer import micro_batch
@@ -145,7 +146,7 @@ def fit(ctx: StageContext) -> tuple[dict[str, Any], Trainables]:
         "steps": cfg.steps,
         "wall_s": last.get("wall_s"),
         "world_size": env.world_size,
-        "dit_ema_sha256": file_digest(ctx.out / assets.DIT_EMA_FILE),
+        "dit_ema_sha256": sha256_file(ctx.out / assets.DIT_EMA_FILE),
         "samples": samples_path(ctx, cfg.steps),
     }
     return record, state

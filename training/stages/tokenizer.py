@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from model.hashing import sha256_file
 from model.pae import PAE
 from training.checkpoint import CheckpointError, read_metadata
 from training.discriminator import PatchDiscriminator
@@ -42,7 +43,7 @@ from training.stages.common import (
     train_loop,
     train_summary,
 )
-from training.stages.context import StageContext, file_digest
+from training.stages.context import StageContext
 from training.stages.refine import open_targets
 
 STAGE = "tokenizer"
@@ -223,6 +224,6 @@ def fit(ctx: StageContext) -> tuple[dict[str, Any], Trainables]:
         "steps": cfg.steps,
         "wall_s": last.get("wall_s"),
         "world_size": env.world_size,
-        "pae_ema_sha256": file_digest(ctx.out / assets.PAE_EMA_FILE),
+        "pae_ema_sha256": sha256_file(ctx.out / assets.PAE_EMA_FILE),
     }
     return record, state
