@@ -57,28 +57,32 @@ import torch
 
 from benchmarks.machine import describe
 from benchmarks.plot_ablation import plot_curves, render_claims, render_table
-from model.flow import SamplerConfig
-from model.lightningdit import LightningDiT
-from model.pae import PAE
-from model.presets import PRESETS, Preset, get_preset
-from training.checkpoint import (
+from model.checkpoint import (
+    CLASSIFIER_FILE,
+    CONFIG_FILE,
+    METRICS_FILE,
+    REFINE_FILE,
     CheckpointError,
     load_tensors,
     read_json,
     read_metadata,
-    resume_dir,
-    resume_step,
     save_tensors,
+    to_jsonable,
     update_json,
     write_json,
 )
+from model.flow import SamplerConfig
+from model.lightningdit import LightningDiT
+from model.pae import PAE
+from model.presets import PRESETS, Preset, get_preset
+from training.checkpoint import resume_dir, resume_step
 from training.data import LabeledImages
 from training.distributed import DistEnv, init_distributed
 from training.metrics.frechet import EfficientNetLite2Features, GaussianStats, frechet_distance_from_stats
 from training.stages import assets
-from training.stages.context import METRICS_FILE, StageContext, resolve_context
+from training.stages.context import StageContext, resolve_context
 from training.stages.grid import generate
-from training.stages.overrides import parse_sets, to_jsonable
+from training.stages.overrides import parse_sets
 from training.stages.pipeline import run_stage
 
 ARMS: dict[str, dict[str, str]] = {
@@ -284,7 +288,7 @@ class Plan:
     @property
     def classifier(self) -> Path:
         """The conditional-accuracy classifier every arm is judged by (copied into each arm)."""
-        return self.out / assets.CLASSIFIER_FILE
+        return self.out / CLASSIFIER_FILE
 
     def context(
         self, directory: Path, arm: str, stage: str, seed: int, stop_at: int | None = None
@@ -455,10 +459,10 @@ def share_refine(plan: Plan, seed: int, directory: Path) -> bool:
     refine_ctx = plan.context(source, "pae", "refine", seed)
     ran = not refine_ctx.is_done("refine")
     run_stage(refine_ctx, "refine")
-    record = read_json(source / "config.json")["stages"]["refine"]
+    record = read_json(source / CONFIG_FILE)["stages"]["refine"]
     directory.mkdir(parents=True, exist_ok=True)
-    _copy_if_changed(source / assets.REFINE_FILE, directory / assets.REFINE_FILE)
-    config = directory / "config.json"
+    _copy_if_changed(source / REFINE_FILE, directory / REFINE_FILE)
+    config = directory / CONFIG_FILE
     current = read_json(config).get("stages", {}).get("refine") if config.is_file() else None
     if current != record:
         update_json(config, {"stages": {"refine": record}})
@@ -476,7 +480,7 @@ def shipped_classifier(plan: Plan) -> Path | None:
     keys = [*dict(plan.budget.sets), *plan.extra_sets]
     if any(k.startswith(("data.", "eval.classifier_")) for k in keys):
         return None
-    path = CHECKPOINTS_DIR / plan.preset / assets.CLASSIFIER_FILE
+    path = CHECKPOINTS_DIR / plan.preset / CLASSIFIER_FILE
     return path if path.is_file() else None
 
 
@@ -549,10 +553,10 @@ def run_arm(plan: Plan, seed: int, arm: str, probe_for: Any) -> dict[str, Any]:
 
     eval_ctx = plan.context(directory, arm, "eval", seed)
     if plan.classifier.is_file():
-        _copy_if_changed(plan.classifier, directory / assets.CLASSIFIER_FILE)
+        _copy_if_changed(plan.classifier, directory / CLASSIFIER_FILE)
     run_timed(eval_ctx, "eval")
-    if not plan.classifier.is_file() and (directory / assets.CLASSIFIER_FILE).is_file():
-        shutil.copyfile(directory / assets.CLASSIFIER_FILE, plan.classifier)
+    if not plan.classifier.is_file() and (directory / CLASSIFIER_FILE).is_file():
+        shutil.copyfile(directory / CLASSIFIER_FILE, plan.classifier)
     metrics = read_json(directory / METRICS_FILE)
     gen = metrics["gen"]
     if gen["num_samples"] != probe.num_samples or gen["seed"] != probe.seed:

@@ -17,18 +17,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from model.checkpoint import CONFIG_FILE, METRICS_FILE, preset_config, read_json, to_jsonable, update_json
 from model.hashing import sha256_file
 from model.presets import Preset, get_preset
 from model.vfm.base import CNN_KINDS
 from model.vfm.efficientnet import bundled_weights_path
-from training.checkpoint import read_json, update_json
 from training.distributed import DistEnv, barrier, broadcast_flag
 from training.lpips import cache_dir
 from training.stages.configs import EvalConfig, RefineConfig, eval_config_for, refine_config_for
-from training.stages.overrides import apply_overrides, to_jsonable
+from training.stages.overrides import apply_overrides
 
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.json"
 STAGES = ("refine", "tokenizer", "latents", "dit", "eval")
 # `--set` prefixes and the config each one reaches.
 SECTIONS = ("refine", "tokenizer", "dit", "eval", "sampler", "pae", "dit_arch", "data")
@@ -135,10 +133,7 @@ class StageContext:
             update_json(
                 self.config_path,
                 {
-                    "preset": p.name,
-                    "pae": to_jsonable(p.pae),
-                    "dit": to_jsonable(p.dit),
-                    "sampler": to_jsonable(p.sampler),
+                    **preset_config(p),
                     "tokenizer_train": to_jsonable(p.tokenizer_train),
                     "dit_train": to_jsonable(p.dit_train),
                     "refine": to_jsonable(self.refine),

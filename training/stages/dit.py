@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from model.checkpoint import DIT_EMA_FILE
 from model.flow import flow_loss, interpolate, sample_training_t
 from model.hashing import sha256_file
 from model.lightningdit import LightningDiT
@@ -138,7 +139,7 @@ def fit(ctx: StageContext) -> tuple[dict[str, Any], Trainables]:
         return {"finished": False, "step": int(last["step"])}, state
 
     if env.is_main:
-        assets.save_weights(ctx.out / assets.DIT_EMA_FILE, ema.state_dict())
+        assets.save_weights(ctx.out / DIT_EMA_FILE, ema.state_dict())
     barrier(env)
     ctx.write_metrics({"train": {STAGE: train_summary(last)}})
     record = {
@@ -146,7 +147,7 @@ def fit(ctx: StageContext) -> tuple[dict[str, Any], Trainables]:
         "steps": cfg.steps,
         "wall_s": last.get("wall_s"),
         "world_size": env.world_size,
-        "dit_ema_sha256": sha256_file(ctx.out / assets.DIT_EMA_FILE),
+        "dit_ema_sha256": sha256_file(ctx.out / DIT_EMA_FILE),
         "samples": samples_path(ctx, cfg.steps),
     }
     return record, state

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from training.checkpoint import CheckpointError, read_metadata, save_tensors
+from model.checkpoint import LATENT_STATS_FILE, CheckpointError, read_metadata, save_tensors
 from training.distributed import barrier, broadcast_flag
 from training.feature_cache import FeatureCache
 from training.stages import assets
@@ -70,7 +70,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 def _complete(ctx: StageContext, directory: Path, pae_sha: str) -> bool:
     """Shards and matching stats already written by these tokenizer weights (and not forced to redo)."""
-    stats = ctx.out / assets.STATS_FILE
+    stats = ctx.out / LATENT_STATS_FILE
     if ctx.force or not stats.is_file():
         return False
     try:
@@ -145,7 +145,7 @@ def _encode(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     save_tensors(
-        ctx.out / assets.STATS_FILE,
+        ctx.out / LATENT_STATS_FILE,
         {"mean": mean.float(), "std": std.float()},
         {"source": "un-flipped training latents", "count": str(n), "pae_ema_sha256": pae_sha},
     )

@@ -19,17 +19,20 @@ from typing import Any
 
 from safetensors import safe_open
 
-from training.checkpoint import RESUME_DIR, read_json, resume_dir
-from training.distributed import barrier
-from training.stages import dit, eval, latents, refine, tokenizer
-from training.stages.assets import (
+from model.checkpoint import (
     CLASSIFIER_FILE,
+    CONFIG_FILE,
     DIT_EMA_FILE,
+    LATENT_STATS_FILE,
+    METRICS_FILE,
     PAE_EMA_FILE,
     PAE_FILE,
-    STATS_FILE,
+    read_json,
 )
-from training.stages.context import CONFIG_FILE, METRICS_FILE, STAGES, StageContext
+from training.checkpoint import RESUME_DIR, resume_dir
+from training.distributed import barrier
+from training.stages import dit, eval, latents, refine, tokenizer
+from training.stages.context import STAGES, StageContext
 
 RUNNERS: dict[str, Callable[[StageContext], dict[str, Any]]] = {
     "refine": refine.run,
@@ -43,7 +46,7 @@ SHIPPED = (
     PAE_FILE,
     PAE_EMA_FILE,
     DIT_EMA_FILE,
-    STATS_FILE,
+    LATENT_STATS_FILE,
     CLASSIFIER_FILE,
     METRICS_FILE,
     "samples.png",

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from model.checkpoint import PAE_EMA_FILE, PAE_FILE, REFINE_FILE, CheckpointError, read_metadata
 from model.hashing import sha256_file
 from model.pae import PAE
-from training.checkpoint import CheckpointError, read_metadata
 from training.discriminator import PatchDiscriminator
 from training.distributed import DistEnv, ShardedBatches, barrier, unwrap, wrap_ddp
 from training.losses import LossWeights, PAELoss, hinge_d_loss, quantize_fake
@@ -88,10 +88,10 @@ def fit(ctx: StageContext) -> tuple[dict[str, Any], Trainables]:
     targets = None
     if needs_targets:
         rec = ctx.require("refine", STAGE)
-        refine_meta = read_metadata(ctx.out / assets.REFINE_FILE)
+        refine_meta = read_metadata(ctx.out / REFINE_FILE)
         if refine_meta.get("vfm_fingerprint") != fingerprint:
             raise CheckpointError(
-                f"{ctx.out / assets.REFINE_FILE} was trained on another VFM (fingerprint "
+                f"{ctx.out / REFINE_FILE} was trained on another VFM (fingerprint "
                 f"{refine_meta.get('vfm_fingerprint')!r}, current {fingerprint!r}); rerun the refine stage"
             )
         if cfg.hflip and not rec.get("flips"):
@@ -215,8 +215,8 @@ def fit(ctx: StageContext) -> tuple[dict[str, Any], Trainables]:
         return {"finished": False, "step": int(last["step"])}, state
 
     if env.is_main:
-        assets.save_weights(ctx.out / assets.PAE_FILE, pae)
-        assets.save_weights(ctx.out / assets.PAE_EMA_FILE, ema.state_dict())
+        assets.save_weights(ctx.out / PAE_FILE, pae)
+        assets.save_weights(ctx.out / PAE_EMA_FILE, ema.state_dict())
     barrier(env)
     ctx.write_metrics({"train": {STAGE: train_summary(last)}})
     record = {
@@ -224,6 +224,6 @@ def fit(ctx: StageContext) -> tuple[dict[str, Any], Trainables]:
         "steps": cfg.steps,
         "wall_s": last.get("wall_s"),
         "world_size": env.world_size,
-        "pae_ema_sha256": sha256_file(ctx.out / assets.PAE_EMA_FILE),
+        "pae_ema_sha256": sha256_file(ctx.out / PAE_EMA_FILE),
     }
     return record, state
