@@ -29,6 +29,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
+from export.repository import ModelConfig, resolve_version_dir
 from model.flow import SamplerConfig
 from service import codecs, metrics
 from service.broker import BrokerClient, Keys, Reply, make_pool, now_ms
@@ -41,7 +42,6 @@ from service.errors import (
     Unavailable,
     UnsupportedMedia,
 )
-from service.repository import ModelConfig, resolve_version_dir
 from service.schemas import (
     EncodeResponse,
     ErrorResponse,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import redis
 
-from service.repository import resolve_version_dir
+from export.repository import resolve_version_dir
 from service.runtimes import load_runtime
 from service.settings import Settings
 from service.worker import Worker

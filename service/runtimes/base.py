@@ -14,8 +14,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from export.repository import ModelConfig
 from model.flow import SamplerConfig, noise_from_seeds, sample
-from service.repository import ModelConfig
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 GuidedFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]

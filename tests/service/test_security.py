@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 import redis
 
+from export.repository import RepositoryError, resolve_version_dir
 from service.broker import Keys
 from service.embedded import WorkerThread, find_redis_server, free_port
-from service.repository import RepositoryError, resolve_version_dir
 from service.settings import Settings, SettingsError
 from tests.service.conftest import LiveServer, client, make_settings
 from tests.service.payloads import image_bytes, latent_json

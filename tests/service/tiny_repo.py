@@ -8,12 +8,12 @@ random weights, exported and run by the same code that serves real graphs.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from export import repository
 
 IMAGE_SIZE = 16
 LATENT_SHAPE = (4, 4, 4)
@@ -80,19 +80,9 @@ def _export(module: nn.Module, args: tuple, names: list[str], path: Path) -> Non
     )
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def write_manifest(version_dir: Path) -> None:
-    files = {
-        p.relative_to(version_dir).as_posix(): {"sha256": sha256(p), "bytes": p.stat().st_size}
-        for p in sorted(version_dir.rglob("*"))
-        if p.is_file() and p.name != "manifest.json"
-    }
-    (version_dir / "manifest.json").write_text(
-        json.dumps({"format": "pae-model-repository/1", "files": files})
-    )
+    """(Re)seal a hand-made version: the manifest lists every file with its hash, as export writes it."""
+    repository.write_manifest(version_dir, {"name": version_dir.parent.name})
 
 
 def tiny_modules() -> tuple[TinyEncoder, TinyDecoder, TinyDiT]:
@@ -137,6 +127,6 @@ def build_tiny_repository(root: Path, name: str = "tiny", version: str = "1") ->
             "cfg_interval": [0.0, 1.0],
         },
     }
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    repository.write_json(out / repository.CONFIG_NAME, config)
     write_manifest(out)
     return out
