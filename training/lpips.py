@@ -13,8 +13,8 @@ taps after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 (VGG16) or after each of 
 (AlexNet); each tap unit-normalised over channels; squared difference; learned 1×1 head; spatial
 mean; sum over taps.
 
-Which net: VGG is the default (the loss in PAE_SPEC). AlexNet is the variant the LPIPS authors
-recommend as a metric and is roughly an order of magnitude cheaper per image.
+Which net: VGG is the default (the perceptual loss the PAE paper trains with). AlexNet is the variant
+the LPIPS authors recommend as a metric and is roughly an order of magnitude cheaper per image.
 """
 
 from __future__ import annotations
