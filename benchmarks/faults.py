@@ -55,6 +55,7 @@ from benchmarks.service_harness import (
     metric_sum,
     resolve_model,
 )
+from export.repository import resolve_version_dir
 from service.broker import GROUP, Keys
 
 REQUEST_TIMEOUT_S = 30
@@ -435,7 +436,7 @@ def run_campaign(
     log: Callable[[str], None] = print,
 ) -> dict[str, object]:
     """All three phases on one topology; returns the per-phase accounting."""
-    version = str(max(int(p.name) for p in (repository / model).iterdir() if p.name.isdigit()))
+    version = resolve_version_dir(repository, model).name
     requests = Requests(ModelShape.load(repository, model), verify=repository / model / version)
     keys = Keys.for_model(model, version)
     with Topology(repository, model, api_replicas=2, workers=2, env=dict(FAULT_ENV)) as topo:

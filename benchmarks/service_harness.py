@@ -15,7 +15,6 @@ import base64
 import contextlib
 import functools
 import io
-import json
 import os
 import shutil
 import signal
@@ -37,6 +36,7 @@ import redis
 from PIL import Image
 
 from benchmarks.machine import describe
+from export.repository import ModelConfig, list_versions, resolve_version_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -68,8 +68,9 @@ def resolve_model(repository: Path | None, scratch: Path) -> tuple[Path, str, st
             raise SystemExit(f"{repository} holds no model folder")
         return repository, names[0], f"{names[0]} from {repository}"
     default = ROOT / "model_repository" / DEFAULT_MODEL
-    if default.is_dir() and any(p.name.isdigit() for p in default.iterdir()):
-        latest = max(int(p.name) for p in default.iterdir() if p.name.isdigit())
+    versions = list_versions(default)
+    if versions:
+        latest = versions[-1]
         return default.parent, DEFAULT_MODEL, f"{DEFAULT_MODEL} v{latest} (model_repository)"
     code = "import sys, pathlib; from tests.service.tiny_repo import build_tiny_repository as b; b(pathlib.Path(sys.argv[1]))"
     subprocess.run([sys.executable, "-c", code, str(scratch)], cwd=ROOT, check=True)
@@ -367,9 +368,8 @@ class ModelShape:
 
     @classmethod
     def load(cls, repository: Path, model: str) -> ModelShape:
-        version = max(int(p.name) for p in (repository / model).iterdir() if p.name.isdigit())
-        config = json.loads((repository / model / str(version) / "config.json").read_text())
-        return cls(config["image_size"], tuple(config["latent_shape"]), tuple(config["class_names"]))
+        config = ModelConfig.load(resolve_version_dir(repository, model))
+        return cls(config.image_size, config.latent_shape, config.class_names)
 
 
 @dataclass(frozen=True)
