@@ -71,10 +71,10 @@ from model.checkpoint import (
     update_json,
     write_json,
 )
-from model.flow import SamplerConfig
 from model.lightningdit import LightningDiT
 from model.pae import PAE
 from model.presets import PRESETS, Preset, get_preset
+from model.sampling import SamplerConfig
 from training.checkpoint import resume_dir, resume_step
 from training.data import LabeledImages
 from training.distributed import DistEnv, init_distributed

@@ -38,10 +38,11 @@ from export.onnx_graphs import GRAPHS as EXPORT_GRAPHS
 from export.onnx_graphs import export_onnx
 from export.samples import parity_images
 from model.checkpoint import LoadedCheckpoint, is_complete, load_checkpoint, write_checkpoint
-from model.flow import SamplerConfig, noise_from_seeds, sample
+from model.flow import TorchNetworks
 from model.lightningdit import LightningDiT
 from model.pae import PAE
 from model.presets import get_preset
+from model.sampling import SamplerConfig, generate
 
 GRAPHS = ("encoder", "decoder", "dit")
 BATCHES = (1, 8, 32)
@@ -232,24 +233,45 @@ def bench_graphs(ckpt: LoadedCheckpoint, version_dir: Path, reps: int, peak: flo
     return out
 
 
+class _OrtNetworks:
+    """The exported DiT graphs as the sampler's `Networks` (numpy in and out)."""
+
+    def __init__(self, sessions: dict) -> None:
+        self.sessions = sessions
+
+    def velocity(self, x: np.ndarray, t: float, y: np.ndarray) -> np.ndarray:
+        feeds = {"x": x, "t": np.full(x.shape[0], t, np.float32), "y": y}
+        return self.sessions["dit_cond"].run(None, feeds)[0]
+
+    def guided(self, x: np.ndarray, t: float, y: np.ndarray, scale: float) -> np.ndarray:
+        batch = x.shape[0]
+        feeds = {
+            "x": x,
+            "t": np.full(batch, t, np.float32),
+            "y": y,
+            "cfg_scale": np.full(batch, scale, np.float32),
+        }
+        return self.sessions["dit"].run(None, feeds)[0]
+
+    @staticmethod
+    def asarray(values: np.ndarray) -> np.ndarray:
+        return values
+
+
 def bench_pipeline(ckpt: LoadedCheckpoint, version_dir: Path, reps: int) -> dict:
     """Full class-conditional generation (noise → DiT sampling loop with CFG → decode) on both runtimes."""
     preset = ckpt.preset
-    d = preset.pae.latent_dim
     sessions = {g: ort_session(version_dir / f"{g}.onnx") for g in ("dit", "dit_cond", "decoder")}
-    mean, std = ckpt.latent_mean.reshape(1, d, 1, 1), ckpt.latent_std.reshape(1, d, 1, 1)
-    labels = torch.arange(PIPELINE_BATCH, dtype=torch.int64) % preset.dit.num_classes
-    seeds = list(range(PIPELINE_BATCH))
+    labels = np.arange(PIPELINE_BATCH, dtype=np.int64) % preset.dit.num_classes
+    seeds = np.arange(PIPELINE_BATCH, dtype=np.int64)
+    stats = (preset.pae.latent_shape, ckpt.latent_mean.tolist(), ckpt.latent_std.tolist(), ckpt.null_class)
+    torch_networks, ort_networks = TorchNetworks(ckpt.dit), _OrtNetworks(sessions)
 
-    def ort_cond(x, t, y):
-        return torch.from_numpy(
-            sessions["dit_cond"].run(None, {"x": x.numpy(), "t": t.numpy(), "y": y.numpy()})[0]
-        )
+    def eager_decode(z: torch.Tensor) -> torch.Tensor:
+        return ckpt.pae.decode(z).clamp(0, 1)
 
-    def ort_guided(x, t, y, scale):
-        w = np.full(x.shape[0], scale, np.float32)
-        feeds = {"x": x.numpy(), "t": t.numpy(), "y": y.numpy(), "cfg_scale": w}
-        return torch.from_numpy(sessions["dit"].run(None, feeds)[0])
+    def ort_decode(z: np.ndarray) -> np.ndarray:
+        return sessions["decoder"].run(None, {"latents": z})[0]
 
     out = {"batch": PIPELINE_BATCH, "sampler": {}, "steps": {}}
     for steps in PIPELINE_STEPS:
@@ -264,14 +286,10 @@ def bench_pipeline(ckpt: LoadedCheckpoint, version_dir: Path, reps: int) -> dict
 
         def eager(cfg=cfg):
             with torch.inference_mode():
-                noise = noise_from_seeds(seeds, preset.pae.latent_shape)
-                x = sample(ckpt.dit, noise, labels, cfg, ckpt.null_class)
-                return ckpt.pae.decode(x * std + mean).clamp(0, 1)
+                return generate(torch_networks, eager_decode, labels, seeds, cfg, *stats)
 
         def onnx(cfg=cfg):
-            noise = noise_from_seeds(seeds, preset.pae.latent_shape)
-            x = sample(ort_cond, noise, labels, cfg, ckpt.null_class, guided=ort_guided)
-            return sessions["decoder"].run(None, {"latents": (x * std + mean).numpy()})[0]
+            return generate(ort_networks, ort_decode, labels, seeds, cfg, *stats)
 
         med = interleaved({"eager": eager, "ort": onnx}, max(3, reps // 2), warmup=1)
         out["steps"][str(steps)] = {

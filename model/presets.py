@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .flow import SamplerConfig
 from .lightningdit import DiTConfig, dit_config
 from .pae import PAEConfig
+from .sampling import SamplerConfig
 from .vfm.base import HALF, IMAGENET_MEAN, IMAGENET_STD, VFMSpec
 
 FASHION_MNIST_CLASSES = (

@@ -53,6 +53,16 @@ class QueueFull(ServiceError):
         self.retry_after_s = retry_after_s
 
 
+class ClientGone(ServiceError):
+    """The client disconnected before its answer was ready; its jobs were cancelled.
+
+    499 is the status proxies use for "client closed request": the metrics can then tell a client
+    that went away from a failure of the service, and no 5xx alert fires for it.
+    """
+
+    status = 499
+
+
 class DeadlineExceeded(ServiceError):
     """The request's deadline passed before its result came back; the job is cancelled."""
 

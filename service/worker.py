@@ -29,7 +29,7 @@ import numpy as np
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from model.flow import SamplerConfig
+from model.sampling import SamplerConfig
 from service import metrics
 from service.broker import BrokerWorker, Job, Keys, Reply, ensure_groups, make_pool, now_ms
 from service.codecs import to_uint8

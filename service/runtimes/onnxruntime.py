@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import torch
 
 from export.repository import ModelConfig, RepositoryError, verify_version
-from model.flow import SamplerConfig
-from service.runtimes.base import sample_images, warm_up
+from model.sampling import SamplerConfig
+from service.runtimes.base import generate_images, warm_up
 
 log = logging.getLogger(__name__)
 
@@ -133,38 +132,26 @@ class OnnxRuntime:
     def decode(self, latents: np.ndarray) -> np.ndarray:
         return self._run("decoder", {self._io["decoder"][0]: np.ascontiguousarray(latents, dtype=np.float32)})
 
-    def _t(self, t: torch.Tensor) -> np.ndarray:
-        t_np = t.detach().cpu().numpy().astype(np.float32)
-        return t_np if self._t_rank == 1 else np.asarray(t_np[0], dtype=np.float32)
+    def _t(self, batch: int, t: float) -> np.ndarray:
+        return np.full((batch,) if self._t_rank == 1 else (), t, dtype=np.float32)
 
-    def _velocity(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        feeds = {"x": x.detach().cpu().numpy().astype(np.float32), "t": self._t(t), "y": y.cpu().numpy()}
-        return torch.from_numpy(self._run("dit_cond", feeds))
+    def velocity(self, x: np.ndarray, t: float, y: np.ndarray) -> np.ndarray:
+        return self._run("dit_cond", {"x": x, "t": self._t(x.shape[0], t), "y": y})
 
-    def _guided(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
+    def guided(self, x: np.ndarray, t: float, y: np.ndarray, scale: float) -> np.ndarray:
         batch = x.shape[0]
         scale_np = np.full((batch,) if self._scale_rank == 1 else (), scale, dtype=np.float32)
-        feeds = {
-            "x": x.detach().cpu().numpy().astype(np.float32),
-            "t": self._t(t),
-            "y": y.cpu().numpy(),
-            "cfg_scale": scale_np,
-        }
-        return torch.from_numpy(self._run("dit", feeds))
+        return self._run("dit", {"x": x, "t": self._t(batch, t), "y": y, "cfg_scale": scale_np})
+
+    @staticmethod
+    def asarray(values: np.ndarray) -> np.ndarray:
+        return values
 
     def generate(self, labels: np.ndarray, seeds: np.ndarray, sampler: SamplerConfig) -> np.ndarray:
-        return sample_images(
-            self.config,
-            labels,
-            seeds,
-            sampler,
-            self._velocity,
-            self._guided,
-            lambda z: self.decode(z.numpy()),
-        )
+        return generate_images(self.config, self, self.decode, labels, seeds, sampler)
 
     def warmup(self, max_batch: Mapping[str, int]) -> None:
-        warm_up(self.config, max_batch, self.encode, self.decode, (self._velocity, self._guided))
+        warm_up(self.config, max_batch, self.encode, self.decode, self)
 
     def info(self) -> dict[str, object]:
         return {

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from export.repository import ModelConfig, RepositoryError, verify_version
-from model.flow import SamplerConfig
-from service.runtimes.base import sample_images, warm_up
+from model.sampling import SamplerConfig
+from service.runtimes.base import generate_images, warm_up
 from service.runtimes.onnxruntime import ProviderUnavailable
 
 GRAPHS: tuple[str, ...] = ("encoder", "decoder", "dit", "dit_cond")
@@ -153,34 +153,32 @@ class TensorRTRuntime:
     def decode(self, latents: np.ndarray) -> np.ndarray:
         return self._single("decoder", torch.from_numpy(np.ascontiguousarray(latents))).cpu().numpy()
 
-    def _t(self, graph: str, t: torch.Tensor) -> torch.Tensor:
-        return t if self.engines[graph].ranks["t"] == 1 else t[0]
+    def _t(self, graph: str, x: torch.Tensor, t: float) -> torch.Tensor:
+        shape = (x.shape[0],) if self.engines[graph].ranks["t"] == 1 else ()
+        return torch.full(shape, t, dtype=torch.float32, device="cuda")
 
-    def _velocity(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.engines["dit_cond"]({"x": x, "t": self._t("dit_cond", t), "y": y}, self.stream).float()
+    def velocity(self, x: torch.Tensor, t: float, y: torch.Tensor) -> torch.Tensor:
+        return self.engines["dit_cond"]({"x": x, "t": self._t("dit_cond", x, t), "y": y}, self.stream).float()
 
-    def _guided(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
+    def guided(self, x: torch.Tensor, t: float, y: torch.Tensor, scale: float) -> torch.Tensor:
         engine = self.engines["dit"]
         shape = (x.shape[0],) if engine.ranks["cfg_scale"] == 1 else ()
         scale_t = torch.full(shape, scale, dtype=torch.float32, device="cuda")
-        return engine({"x": x, "t": self._t("dit", t), "y": y, "cfg_scale": scale_t}, self.stream).float()
+        feeds = {"x": x, "t": self._t("dit", x, t), "y": y, "cfg_scale": scale_t}
+        return engine(feeds, self.stream).float()
+
+    @staticmethod
+    def asarray(values: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(values)).to("cuda")
 
     def generate(self, labels: np.ndarray, seeds: np.ndarray, sampler: SamplerConfig) -> np.ndarray:
-        return sample_images(
-            self.config,
-            labels,
-            seeds,
-            sampler,
-            self._velocity,
-            self._guided,
-            lambda z: self._single("decoder", z).cpu().numpy(),
-            device="cuda",
-        )
+        def decode(z: torch.Tensor) -> np.ndarray:
+            return self._single("decoder", z).cpu().numpy()
+
+        return generate_images(self.config, self, decode, labels, seeds, sampler)
 
     def warmup(self, max_batch: Mapping[str, int]) -> None:
-        warm_up(
-            self.config, max_batch, self.encode, self.decode, (self._velocity, self._guided), device="cuda"
-        )
+        warm_up(self.config, max_batch, self.encode, self.decode, self)
 
     def info(self) -> dict[str, object]:
         return {

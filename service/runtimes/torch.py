@@ -16,9 +16,10 @@ import torch
 
 from export.repository import TORCH_DIR, ModelConfig, RepositoryError, verify_version
 from model import checkpoint
-from model.flow import SamplerConfig
+from model.flow import TorchNetworks
+from model.sampling import SamplerConfig
 from model.vfm import build_vfm
-from service.runtimes.base import sample_images, warm_up
+from service.runtimes.base import generate_images, warm_up
 
 FILES: tuple[str, ...] = tuple(
     f"{TORCH_DIR}/{name}" for name in (checkpoint.CONFIG_FILE, checkpoint.PAE_FILE, checkpoint.DIT_EMA_FILE)
@@ -57,6 +58,7 @@ class TorchRuntime:
             raise RepositoryError(str(exc)) from None
         self.pae.to(self.device)
         self.dit.to(self.device)
+        self.networks = TorchNetworks(self.dit, device=self.device)
 
     @torch.no_grad()
     def encode(self, images: np.ndarray) -> np.ndarray:
@@ -71,19 +73,10 @@ class TorchRuntime:
         return self._decode(torch.from_numpy(np.ascontiguousarray(latents, dtype=np.float32)))
 
     def generate(self, labels: np.ndarray, seeds: np.ndarray, sampler: SamplerConfig) -> np.ndarray:
-        return sample_images(
-            self.config,
-            labels,
-            seeds,
-            sampler,
-            self.dit,
-            None,
-            self._decode,
-            device=self.device,
-        )
+        return generate_images(self.config, self.networks, self._decode, labels, seeds, sampler)
 
     def warmup(self, max_batch: Mapping[str, int]) -> None:
-        warm_up(self.config, max_batch, self.encode, self.decode, (self.dit, None), device=self.device)
+        warm_up(self.config, max_batch, self.encode, self.decode, self.networks)
 
     def info(self) -> dict[str, object]:
         return {

@@ -15,7 +15,7 @@ import pytest
 import redis
 from PIL import Image
 
-from model.flow import SamplerConfig
+from model.sampling import SamplerConfig
 from service.broker import Keys
 from service.codecs import decode_image, to_uint8
 from service.runtimes.onnxruntime import OnnxRuntime

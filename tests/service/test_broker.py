@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from redis.asyncio import Redis
 
-from model.flow import SamplerConfig
+from model.sampling import SamplerConfig
 from service.broker import GROUP, BrokerClient, BrokerWorker, Keys, now_ms
 from service.codecs import to_uint8
 from service.errors import DeadlineExceeded, JobFailed, QueueFull

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from export.repository import ModelConfig, RepositoryError, resolve_version_dir
-from model.flow import SamplerConfig, noise_from_seeds, sample
+from model.flow import TorchNetworks
+from model.sampling import SamplerConfig, generate
 from service.runtimes.base import Runtime
 from service.runtimes.onnxruntime import OnnxRuntime, ProviderUnavailable
 from tests.service.tiny_repo import LATENT_MEAN, LATENT_STD, NULL_CLASS, tiny_modules, write_manifest
@@ -48,12 +49,18 @@ def test_matches_the_torch_modules(runtime: OnnxRuntime) -> None:
     # generate = decode(sample(...)·std + mean), guided inside the CFG interval only.
     cfg = SamplerConfig(sampler="heun", steps=3, shift=0.7, cfg_scale=3.0, cfg_interval=(0.3, 1.0))
     seeds, labels = [11, 12], [0, 2]
-    noise = noise_from_seeds(seeds, (4, 4, 4))
     with torch.no_grad():
-        x = sample(dit, noise, torch.tensor(labels), cfg, NULL_CLASS)
-        mean = torch.tensor(LATENT_MEAN).reshape(1, -1, 1, 1)
-        std = torch.tensor(LATENT_STD).reshape(1, -1, 1, 1)
-        ref = decoder(x * std + mean).numpy()
+        ref = generate(
+            TorchNetworks(dit.eval(), NULL_CLASS),
+            lambda z: decoder(z).numpy(),
+            np.array(labels),
+            np.array(seeds),
+            cfg,
+            (4, 4, 4),
+            LATENT_MEAN,
+            LATENT_STD,
+            NULL_CLASS,
+        )
     got = runtime.generate(np.array(labels), np.array(seeds), cfg)
     assert np.abs(got - ref).max() < 1e-5
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.flow import SamplerConfig
+from model.sampling import SamplerConfig
 from service.runtimes.onnxruntime import OnnxRuntime, ProviderUnavailable
 from service.runtimes.tensorrt import TensorRTRuntime, import_tensorrt
 from tests.service.tiny_repo import write_manifest

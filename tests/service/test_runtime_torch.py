@@ -15,10 +15,10 @@ import torch
 
 from export.repository import RepositoryError, write_json
 from model.checkpoint import write_checkpoint
-from model.flow import SamplerConfig
 from model.lightningdit import LightningDiT
 from model.pae import PAE
 from model.presets import get_preset
+from model.sampling import SamplerConfig
 from model.vfm import build_vfm
 from service.runtimes.base import Runtime
 from service.runtimes.torch import TorchRuntime

@@ -22,7 +22,7 @@ import pytest
 import redis
 from PIL import Image
 
-from model.flow import SamplerConfig
+from model.sampling import SamplerConfig
 from service.broker import GROUP, Keys
 from service.codecs import decode_image, to_uint8
 from service.embedded import free_port

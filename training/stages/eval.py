@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from model.checkpoint import CLASSIFIER_FILE, to_jsonable
-from model.flow import SamplerConfig
+from model.sampling import SamplerConfig
 from training.distributed import barrier
 from training.feature_cache import FeatureCache
 from training.lpips import LPIPS

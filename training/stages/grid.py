@@ -8,9 +8,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.flow import SamplerConfig, noise_from_seeds, sample
+from model.flow import TorchNetworks
 from model.lightningdit import LightningDiT
 from model.pae import PAE
+from model.sampling import SamplerConfig
+from model.sampling import generate as generate_latents_and_decode
 
 
 def save_grid(images: torch.Tensor, rows: int, path: str | Path, pad: int = 2) -> None:
@@ -45,17 +47,28 @@ def generate(
     std: torch.Tensor,
     batch_size: int = 100,
 ) -> torch.Tensor:
-    """Images (B×3×H×W in [0, 1]) for `labels`, each from its own seed: flow sample → de-normalise → decode."""
-    device = next(dit.parameters()).device
+    """Images (B×3×H×W in [0, 1], on the CPU) for `labels`, image i from seeds[i], in chunks of `batch_size`."""
+    networks = TorchNetworks(dit)
     shape = (dit.cfg.in_channels, dit.cfg.input_size, dit.cfg.input_size)
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        return pae.decode(z).clamp(0, 1).cpu()
+
     out = []
     for start in range(0, labels.shape[0], batch_size):
-        y = labels[start : start + batch_size].to(device)
-        s = seeds[start : start + batch_size]
-        noise = noise_from_seeds(s, shape, device=device)
-        x = sample(dit, noise, y, sampler, dit.null_class, generator_seeds=s)
-        z = x * std.to(device).reshape(1, -1, 1, 1) + mean.to(device).reshape(1, -1, 1, 1)
-        out.append(pae.decode(z).clamp(0, 1).cpu())
+        chunk = slice(start, start + batch_size)
+        images = generate_latents_and_decode(
+            networks,
+            decode,
+            labels[chunk].numpy(),
+            seeds[chunk].numpy(),
+            sampler,
+            shape,
+            mean.tolist(),
+            std.tolist(),
+            dit.null_class,
+        )
+        out.append(images)
     return torch.cat(out)
 
 

@@ -1,0 +1,211 @@
+"""POST /v1/encode, /v1/decode, /v1/generate: input → one queued job per image → the answer.
+
+An API replica never runs the model. Each handler checks its input (bad input is a 4xx naming the
+problem, never a 500), turns every image or latent into one job, waits for the replies within the
+request's deadline (`service.api.jobs`) and encodes the answer in the format Accept picks.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+from collections.abc import Sequence
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from export.repository import ModelConfig
+from model.sampling import SamplerConfig
+from service import codecs
+from service.api import bodies
+from service.api.auth import require_key
+from service.api.jobs import Deadline, run_jobs, timing_headers
+from service.api.middleware import endpoint_label
+from service.api.negotiation import IMAGE_TYPES, JSON, MULTIPART, NPY, PNG, choose
+from service.api.openapi import BINARY, app_model, inference_responses, request_body
+from service.api.state import AppState, State
+from service.broker import Reply
+from service.errors import BadInput, NotAcceptable
+from service.schemas import EncodeResponse, ImageOut, ImagesResponse, LatentPayload
+
+router = APIRouter(tags=["inference"], dependencies=[Depends(require_key)])
+
+SAMPLER_FIELDS: tuple[str, ...] = ("sampler", "steps", "shift", "cfg_scale", "cfg_interval")
+
+
+@router.post(
+    "/v1/encode",
+    summary="Images → latents",
+    description=(
+        "Upload 1 to $max_num_images PNG/JPEG/WebP images (multipart field `file`, JSON "
+        '`{"images": [base64, ...]}`, or one raw image body). Answers the latents as JSON '
+        "(shape [B, $latent_dims], float32, base64) or, with `Accept: application/x-npy`, as a .npy file."
+    ),
+    response_model=EncodeResponse,
+    responses=inference_responses(NPY),
+    openapi_extra=request_body(
+        {
+            MULTIPART: {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "array", "items": BINARY}},
+                    "required": ["file"],
+                }
+            },
+            JSON: {"schema": app_model("encode_json")},
+            **{media: {"schema": BINARY} for media in IMAGE_TYPES},
+        }
+    ),
+)
+@endpoint_label("encode")
+async def encode(request: Request, state: State, due: Deadline) -> Response:
+    size = state.config.image_size
+    images = []
+    for blob in await bodies.read_images(request, state):
+        img = codecs.open_image(blob, state.settings.max_image_pixels)
+        if img.width * img.height <= codecs.INLINE_PIXELS:
+            images.append(codecs.finish_image(img, size))
+        else:
+            images.append(await run_in_threadpool(codecs.finish_image, img, size))
+    payloads = [{"data": img.tobytes()} for img in images]
+    replies = await run_jobs(request, state.jobs(), "encode", payloads, due)
+    latents = np.stack([np.frombuffer(r.data, dtype="<f4").reshape(r.shape) for r in replies])
+    headers = timing_headers(replies)
+    if choose(request.headers.get("accept", ""), (JSON, NPY)) == NPY:
+        return Response(codecs.latents_to_npy(latents), media_type=NPY, headers=headers)
+    body = {**codecs.latents_to_json(latents), "model": state.config.name, "version": state.config.version}
+    return JSONResponse(body, headers=headers)
+
+
+@router.post(
+    "/v1/decode",
+    summary="Latents → images",
+    description=(
+        "Send latents as JSON `{shape, dtype: float32, data: base64}` (what /v1/encode answers) or as a "
+        ".npy body (`Content-Type: application/x-npy`), shape [$latent_dims] "
+        "or [B, ...] with B ≤ $max_num_images, all values finite. Answers JSON with base64 PNGs, "
+        "or one `image/png` with `Accept: image/png`."
+    ),
+    response_model=ImagesResponse,
+    responses=inference_responses(PNG),
+    openapi_extra=request_body(
+        {JSON: {"schema": LatentPayload.model_json_schema()}, NPY: {"schema": BINARY}}
+    ),
+)
+@endpoint_label("decode")
+async def decode(request: Request, state: State, due: Deadline) -> Response:
+    latents = await bodies.read_latents(request, state)
+    replies = await run_jobs(request, state.jobs(), "decode", [{"data": z.tobytes()} for z in latents], due)
+    images = [ImageOut(png=p) for p in await pngs(replies, state.config.image_size)]
+    return png_response(request, state, images, replies)
+
+
+@router.post(
+    "/v1/generate",
+    summary="Class label → generated images",
+    description=(
+        "Generate 1 to $max_num_images images of one class. Image i uses seed + i, and the "
+        "same seed and settings give byte-identical PNGs however requests are batched. Answers JSON "
+        "with base64 PNGs and their seeds, or one `image/png` (seed in `X-Seed`) with `Accept: image/png`."
+    ),
+    response_model=ImagesResponse,
+    responses=inference_responses(PNG),
+    openapi_extra=request_body({JSON: {"schema": app_model("generate")}}),
+)
+@endpoint_label("generate")
+async def generate(request: Request, state: State, due: Deadline) -> Response:
+    config = state.config
+    body = await bodies.read_generate(request, state)
+    label = resolve_class(config, body.class_label)
+    sampler = sampler_settings(state, body)
+    # One canonical string per settings: workers batch together only jobs whose strings match.
+    key = json.dumps(sampler, sort_keys=True, separators=(",", ":"))
+    first = body.seed if body.seed is not None else secrets.randbelow(2**31)
+    seeds = [first + i for i in range(body.num_images)]
+    payloads = [{"label": str(label), "seed": str(s), "sampler": key} for s in seeds]
+    replies = await run_jobs(request, state.jobs(), "generate", payloads, due)
+    images = [
+        ImageOut(png=p, seed=s, class_label=label, class_name=config.class_names[label])
+        for p, s in zip(await pngs(replies, config.image_size), seeds, strict=True)
+    ]
+    return png_response(request, state, images, replies, {"sampler": sampler})
+
+
+def resolve_class(config: ModelConfig, value: int | str) -> int:
+    """A class index or name (matched case-insensitively) → the index; 422 when there is none."""
+    if isinstance(value, int):
+        if not 0 <= value < config.num_classes:
+            raise BadInput(f"class_label {value} is out of range; classes are 0..{config.num_classes - 1}")
+        return value
+    lowered = {name.lower(): i for i, name in enumerate(config.class_names)}
+    if value.lower() not in lowered:
+        raise BadInput(f"unknown class {value!r}; classes are {list(config.class_names)}")
+    return lowered[value.lower()]
+
+
+def sampler_settings(state: AppState, request: BaseModel) -> dict[str, object]:
+    """The effective sampler settings: the request's fields over the model's defaults, checked by
+    `SamplerConfig` and against MAX_STEPS, as the plain dict the workers and the answer carry."""
+    asked = {k: getattr(request, k) for k in SAMPLER_FIELDS if getattr(request, k) is not None}
+    merged = {**state.sampler_defaults, **asked}
+    try:
+        cfg = SamplerConfig(
+            sampler=str(merged["sampler"]),
+            steps=int(merged["steps"]),
+            shift=float(merged["shift"]),
+            cfg_scale=float(merged["cfg_scale"]),
+            cfg_interval=tuple(float(v) for v in merged["cfg_interval"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BadInput(f"invalid sampler settings: {exc}") from None
+    max_steps = state.settings.max_steps
+    if cfg.steps > max_steps:
+        raise BadInput(f"steps {cfg.steps} exceeds the limit of {max_steps} (MAX_STEPS)")
+    return {
+        "sampler": cfg.sampler,
+        "steps": cfg.steps,
+        "shift": cfg.shift,
+        "cfg_scale": cfg.cfg_scale,
+        "cfg_interval": list(cfg.cfg_interval),
+    }
+
+
+async def pngs(replies: Sequence[Reply], size: int) -> list[str]:
+    """The replies' uint8 images as base64 PNGs; large batches are encoded off the event loop."""
+
+    def encode_all() -> list[str]:
+        return [
+            base64.b64encode(codecs.encode_png(np.frombuffer(r.data, np.uint8).reshape(r.shape))).decode()
+            for r in replies
+        ]
+
+    if size * size * len(replies) <= codecs.INLINE_PIXELS:
+        return encode_all()
+    return await run_in_threadpool(encode_all)
+
+
+def png_response(
+    request: Request,
+    state: AppState,
+    images: list[ImageOut],
+    replies: Sequence[Reply],
+    extra: dict[str, object] | None = None,
+) -> Response:
+    """JSON with every image, or the one PNG itself when Accept asks for image/png (406 for several)."""
+    headers = timing_headers(replies)
+    if choose(request.headers.get("accept", ""), (JSON, PNG)) == PNG:
+        if len(images) != 1:
+            raise NotAcceptable(
+                f"Accept: image/png holds one image, this request makes {len(images)}; ask for JSON"
+            )
+        if images[0].seed is not None:
+            headers["X-Seed"] = str(images[0].seed)
+        return Response(base64.b64decode(images[0].png), media_type=PNG, headers=headers)
+    body = ImagesResponse(
+        images=images, model=state.config.name, version=state.config.version, **(extra or {})
+    )
+    return JSONResponse(body.model_dump(exclude_none=True), headers=headers)
