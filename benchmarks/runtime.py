@@ -29,16 +29,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.machine import describe, mark_quotable
-from export.checkpoint import DIT_FILE, STATS_FILE, LoadedCheckpoint, load_checkpoint
 from export.exporter import export_checkpoint, graph_modules
 from export.onnx_graphs import GRAPHS as EXPORT_GRAPHS
 from export.onnx_graphs import export_onnx
 from export.samples import parity_images
+from model.checkpoint import LoadedCheckpoint, is_complete, load_checkpoint, write_checkpoint
 from model.flow import TorchNetworks
 from model.lightningdit import LightningDiT
 from model.pae import PAE
@@ -154,24 +153,8 @@ def random_checkpoint(directory: Path, preset_name: str = "fmnist32-tiny", seed:
     with torch.no_grad():
         for p in [*pae.parameters(), *dit.parameters()]:
             p.add_(0.02 * torch.randn_like(p))  # wake the zero-initialised layers up
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.contiguous() for k, v in pae.trainable_state_dict().items()},
-        str(directory / "pae_ema.safetensors"),
-    )
-    save_file(
-        {k: v.contiguous() for k, v in dit.state_dict().items()}, str(directory / "dit_ema.safetensors")
-    )
     d = preset.pae.latent_dim
-    save_file({"mean": torch.zeros(d), "std": torch.ones(d)}, str(directory / "latent_stats.safetensors"))
-    config = {
-        "preset": preset.name,
-        "pae": asdict(preset.pae),
-        "dit": asdict(preset.dit),
-        "sampler": asdict(preset.sampler),
-    }
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
-    return directory
+    return write_checkpoint(directory, preset, pae, dit, torch.zeros(d), torch.ones(d))
 
 
 def graph_inputs(ckpt: LoadedCheckpoint, graph: str, batch: int) -> dict[str, np.ndarray]:
@@ -467,8 +450,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint
-        needed = ("config.json", "pae_ema.safetensors", DIT_FILE, STATS_FILE)
-        if all((checkpoint / f).is_file() for f in needed):
+        if is_complete(checkpoint):
             weights = f"trained checkpoint {checkpoint}"
         else:
             checkpoint = random_checkpoint(Path(tmp) / "ckpt")

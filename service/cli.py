@@ -145,8 +145,8 @@ def worker_main(argv: Sequence[str] | None = None) -> None:
 
     from prometheus_client import start_http_server
 
+    from export.repository import resolve_version_dir
     from service import metrics
-    from service.repository import resolve_version_dir
     from service.runtimes import load_runtime
     from service.worker import Worker
 

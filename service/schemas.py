@@ -12,8 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from export.repository import ModelConfig
 from service.codecs import MIN_IMAGE_SIDE
-from service.repository import ModelConfig
 from service.settings import Settings
 
 SEED_MAX = 2**63 - 1

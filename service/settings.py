@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.repository import is_plain_name
+from export.repository import RepositoryError, is_version_name, validate_name
 
 TASKS: tuple[str, ...] = ("encode", "decode", "generate")
 RUNTIMES: tuple[str, ...] = ("onnxruntime", "torch", "tensorrt")
@@ -117,12 +117,14 @@ class Settings:
                 f"REDIS_URL must start with redis://, rediss:// or unix://, got {redis_url!r}"
             )
         model_name = _optional(env, "MODEL_NAME") or "fmnist32-tiny"
-        if not is_plain_name(model_name):
-            raise SettingsError(f"MODEL_NAME must be a plain folder name, got {model_name!r}")
+        try:
+            validate_name(model_name)
+        except RepositoryError as exc:
+            raise SettingsError(f"MODEL_NAME: {exc}") from None
         version = _optional(env, "MODEL_VERSION")
         if version is not None and version.lower() == "latest":
             version = None
-        if version is not None and not version.isdigit():
+        if version is not None and not is_version_name(version):
             raise SettingsError(f"MODEL_VERSION must be an integer folder name or 'latest', got {version!r}")
         pixels = _int(env, "MAX_IMAGE_PIXELS", 16_777_216, 64, 89_478_485)
         settings = cls(

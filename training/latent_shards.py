@@ -20,7 +20,7 @@ from types import TracebackType
 import torch
 from safetensors import safe_open
 
-from training.checkpoint import CheckpointError, save_tensors
+from model.checkpoint import CheckpointError, save_tensors
 
 SHARD_SIZE = 10_000
 FORMAT = 1

@@ -13,7 +13,9 @@ from typing import Any
 from benchmarks.ablation.budgets import curve_stops
 from benchmarks.ablation.fd_probe import FDProbe, ema_dit_at_resume
 from benchmarks.ablation.plan import AblationError, Plan, needs_refine, say
-from training.checkpoint import CheckpointError, read_json, resume_step, update_json, write_json
+from model import checkpoint
+from model.checkpoint import CheckpointError, read_json, update_json, write_json
+from training.checkpoint import resume_step
 from training.stages import assets
 from training.stages.context import METRICS_FILE, StageContext
 from training.stages.pipeline import run_stage
@@ -36,7 +38,7 @@ def share_refine(plan: Plan, seed: int, directory: Path) -> bool:
     run_stage(refine_ctx, "refine")
     record = read_json(source / "config.json")["stages"]["refine"]
     directory.mkdir(parents=True, exist_ok=True)
-    _copy_if_changed(source / assets.REFINE_FILE, directory / assets.REFINE_FILE)
+    _copy_if_changed(source / checkpoint.REFINE_FILE, directory / checkpoint.REFINE_FILE)
     config = directory / "config.json"
     current = read_json(config).get("stages", {}).get("refine") if config.is_file() else None
     if current != record:
@@ -113,10 +115,10 @@ def run_arm(plan: Plan, seed: int, arm: str, probe_for: Any) -> dict[str, Any]:
 
     eval_ctx = plan.context(directory, arm, "evaluate", seed)
     if plan.classifier.is_file():
-        _copy_if_changed(plan.classifier, directory / assets.CLASSIFIER_FILE)
+        _copy_if_changed(plan.classifier, directory / checkpoint.CLASSIFIER_FILE)
     run_timed(eval_ctx, "evaluate")
-    if not plan.classifier.is_file() and (directory / assets.CLASSIFIER_FILE).is_file():
-        shutil.copyfile(directory / assets.CLASSIFIER_FILE, plan.classifier)
+    if not plan.classifier.is_file() and (directory / checkpoint.CLASSIFIER_FILE).is_file():
+        shutil.copyfile(directory / checkpoint.CLASSIFIER_FILE, plan.classifier)
     metrics = read_json(directory / METRICS_FILE)
     gen = metrics["gen"]
     if gen["num_samples"] != probe.num_samples or gen["seed"] != probe.seed:

@@ -8,10 +8,11 @@ from typing import Any
 
 import torch
 
+from model.checkpoint import CheckpointError, load_tensors, read_metadata, save_tensors
 from model.lightningdit import LightningDiT
 from model.pae import PAE
 from model.sampling import SamplerConfig
-from training.checkpoint import CheckpointError, load_tensors, read_metadata, resume_dir, save_tensors
+from training.checkpoint import resume_dir
 from training.data import LabeledImages
 from training.metrics.frechet import EfficientNetLite2Features, GaussianStats, frechet_distance_from_stats
 from training.stages import assets

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.ablation.budgets import ARMS, Budget, budget_sets
+from model import checkpoint
 from training.distributed import DistEnv
 from training.recipes import get_recipe
-from training.stages import assets
 from training.stages.context import StageContext, resolve_context
 
 CHECKPOINTS_DIR = Path(__file__).resolve().parents[2] / "checkpoints"
@@ -60,7 +60,7 @@ class Plan:
     @property
     def classifier(self) -> Path:
         """The conditional-accuracy classifier every arm is judged by (copied into each arm)."""
-        return self.out / assets.CLASSIFIER_FILE
+        return self.out / checkpoint.CLASSIFIER_FILE
 
     def context(
         self, directory: Path, arm: str, stage: str, seed: int, stop_at: int | None = None
@@ -99,7 +99,7 @@ def shipped_classifier(plan: Plan) -> Path | None:
     keys = [*dict(plan.budget.sets), *plan.extra_sets]
     if any(k.startswith(("data.", "evaluate.classifier_")) for k in keys):
         return None
-    path = CHECKPOINTS_DIR / plan.preset / assets.CLASSIFIER_FILE
+    path = CHECKPOINTS_DIR / plan.preset / checkpoint.CLASSIFIER_FILE
     return path if path.is_file() else None
 
 

@@ -16,10 +16,10 @@ from benchmarks.ablation.claims import evaluate_claims
 from benchmarks.ablation.fd_probe import FDProbe, real_floor, reference_stats
 from benchmarks.ablation.plan import CHECKPOINTS_DIR, Plan, say, shipped_classifier
 from benchmarks.machine import describe, mark_quotable
+from model.checkpoint import to_jsonable
 from training.distributed import DistEnv
 from training.metrics.frechet import EfficientNetLite2Features
 from training.stages.context import StageContext
-from training.stages.overrides import to_jsonable
 
 # Load slows the run down but changes none of its numbers (seeded, deterministic training and FD).
 WALL_TIMES = "its wall times (wall_s, arms_wall_s); the FDs and metrics do not depend on load"

@@ -12,7 +12,6 @@ import hashlib
 import json
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -96,17 +95,6 @@ def normalize_image(x01: torch.Tensor, spec: VFMSpec, mean: torch.Tensor, std: t
 def stats_tensor(values: tuple[float, float, float]) -> torch.Tensor:
     """RGB statistics as a broadcastable 1×3×1×1 float32 tensor."""
     return torch.tensor(values, dtype=torch.float32).reshape(1, 3, 1, 1)
-
-
-def sha256_files(paths: list[Path]) -> str:
-    """Hash file contents in order, 1 MiB at a time (weights can be gigabytes); names do not count."""
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.stat().st_size.to_bytes(8, "little"))
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 class FrozenVFM(nn.Module, ABC):

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
+from export.repository import ModelConfig
 from model.sampling import SamplerConfig
 from service import codecs
 from service.api import bodies
@@ -29,7 +30,6 @@ from service.api.openapi import BINARY, app_model, inference_responses, request_
 from service.api.state import AppState, State
 from service.broker import Reply
 from service.errors import BadInput, NotAcceptable
-from service.repository import ModelConfig
 from service.schemas import EncodeResponse, ImageOut, ImagesResponse, LatentPayload
 
 router = APIRouter(tags=["inference"], dependencies=[Depends(require_key)])

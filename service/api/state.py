@@ -16,9 +16,9 @@ from fastapi import Depends, FastAPI, Request
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from export.repository import ModelConfig, resolve_version_dir
 from service import metrics
 from service.broker import BrokerClient, Keys, make_pool
-from service.repository import ModelConfig, resolve_version_dir
 from service.schemas import Readiness, Schemas, build_schemas
 from service.settings import TASKS, Settings, SettingsError
 from service.worker import HEARTBEAT_TTL_MS

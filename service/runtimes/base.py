@@ -14,8 +14,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from export.repository import ModelConfig
 from model.sampling import Networks, SamplerConfig, generate
-from service.repository import ModelConfig
 
 
 @runtime_checkable

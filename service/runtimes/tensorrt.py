@@ -17,8 +17,8 @@ from types import ModuleType
 import numpy as np
 import torch
 
+from export.repository import ModelConfig, RepositoryError, verify_version
 from model.sampling import SamplerConfig
-from service.repository import ModelConfig, RepositoryError, verify_files
 from service.runtimes.base import generate_images, warm_up
 from service.runtimes.onnxruntime import ProviderUnavailable
 
@@ -129,7 +129,7 @@ class TensorRTRuntime:
                 f"{version_dir} has no TensorRT engines for this GPU ({self.arch}): missing {missing}; "
                 "build them with pae-export on a machine with this GPU"
             )
-        verify_files(version_dir, names)
+        verify_version(version_dir, names)
         self._trt = trt
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)

@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 import redis
 
+from export.repository import RepositoryError, resolve_version_dir
 from service.broker import Keys
 from service.embedded import WorkerThread
 from service.redis_server import RedisServer
-from service.repository import RepositoryError, resolve_version_dir
 from service.settings import Settings, SettingsError
 from tests.service.conftest import LiveServer, client, make_settings
 from tests.service.payloads import image_bytes, latent_json

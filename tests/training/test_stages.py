@@ -15,7 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.checkpoint import load_tensors, read_json, resume_step
+from model.checkpoint import load_tensors, read_json
+from training.checkpoint import resume_step
 from training.cli import main
 from training.data import mnist5k_csv_path
 from training.distributed import DistEnv

@@ -1,7 +1,8 @@
 """Loading what stages share: datasets, the cached VFM tokens, and trained weights in the output dir.
 
 Rank 0 builds a feature cache while the other ranks wait, then everyone opens the same directory;
-that keeps the expensive VFM pass from running once per process.
+that keeps the expensive VFM pass from running once per process. The output dir is a checkpoint
+directory: its file names and loaders are those of `model/checkpoint.py`.
 """
 
 from __future__ import annotations
@@ -11,23 +12,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from model import checkpoint
+from model.checkpoint import CheckpointError, save_tensors
 from model.lightningdit import LightningDiT
 from model.pae import PAE
 from model.vfm import FrozenVFM, build_vfm
-from training.checkpoint import CheckpointError, load_module, load_tensors, save_tensors
 from training.data import LabeledImages, WithFlips, build_dataset
 from training.data.subset import ClassBalancedSubset
 from training.distributed import barrier, unwrap
 from training.feature_cache import FeatureCache, build_feature_cache
 from training.stages.context import StageContext
-
-PAE_FILE = "pae.safetensors"
-PAE_EMA_FILE = "pae_ema.safetensors"
-DIT_FILE = "dit.safetensors"
-DIT_EMA_FILE = "dit_ema.safetensors"
-STATS_FILE = "latent_stats.safetensors"
-CLASSIFIER_FILE = "classifier.safetensors"
-REFINE_FILE = "refine.safetensors"
 
 
 def dataset(ctx: StageContext, split: str) -> LabeledImages:
@@ -96,32 +90,23 @@ def save_weights(
 
 def load_pae(ctx: StageContext, ema: bool = True, with_vfm: bool = False) -> PAE:
     """The trained tokenizer from the output dir, in eval mode on this rank's device."""
-    path = ctx.out / (PAE_EMA_FILE if ema else PAE_FILE)
+    path = ctx.out / (checkpoint.PAE_EMA_FILE if ema else checkpoint.PAE_FILE)
     if not path.is_file():
         raise CheckpointError(f"{path} not found: run the tokenizer stage into {ctx.out} first")
-    pae = PAE(ctx.preset.pae, build_vfm(ctx.preset.pae.vfm) if with_vfm else None)
-    load_module(pae, load_tensors(path), str(path))
-    return pae.to(ctx.env.device).eval()
+    vfm = build_vfm(ctx.preset.pae.vfm) if with_vfm else None
+    return checkpoint.load_pae(path, ctx.preset.pae, vfm).to(ctx.env.device)
 
 
 def load_dit_ema(ctx: StageContext) -> LightningDiT:
-    path = ctx.out / DIT_EMA_FILE
+    path = ctx.out / checkpoint.DIT_EMA_FILE
     if not path.is_file():
         raise CheckpointError(f"{path} not found: run the generator stage into {ctx.out} first")
-    dit = LightningDiT(ctx.preset.dit)
-    load_module(dit, load_tensors(path), str(path))
-    return dit.to(ctx.env.device).eval()
+    return checkpoint.load_dit(path, ctx.preset.dit).to(ctx.env.device)
 
 
 def load_latent_stats(ctx: StageContext) -> tuple[torch.Tensor, torch.Tensor]:
     """Channel mean and std (each shape d) of the un-flipped training latents."""
-    path = ctx.out / STATS_FILE
-    stats = load_tensors(path)
-    d = ctx.preset.pae.latent_dim
-    for key in ("mean", "std"):
-        if key not in stats or stats[key].numel() != d:
-            raise CheckpointError(f"{path}: '{key}' must hold {d} values (one per latent channel)")
-    return stats["mean"].float(), stats["std"].float()
+    return checkpoint.load_latent_stats(ctx.out / checkpoint.LATENT_STATS_FILE, ctx.preset.pae.latent_dim)
 
 
 def as_grid(t: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,6 @@ finished stage under `stages`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -19,17 +18,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from model.checkpoint import CONFIG_FILE, METRICS_FILE, preset_config, read_json, to_jsonable, update_json
+from model.hashing import sha256_file
 from model.presets import Preset, get_preset
 from model.vfm.base import CNN_KINDS
 from model.vfm.efficientnet import bundled_weights_path
-from training.checkpoint import read_json, update_json
 from training.distributed import DistEnv, barrier, broadcast_flag
 from training.lpips import cache_dir
 from training.recipes import DataConfig, Recipe, get_recipe
-from training.stages.overrides import apply_overrides, to_jsonable
+from training.stages.overrides import apply_overrides
 
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.json"
 STAGES = ("refine", "tokenizer", "latents", "generator", "evaluate")
 # `--set` sections: the preset's architecture and sampler, then the recipe's, named after their stages.
 ARCHITECTURE_SECTIONS = ("pae", "dit", "sampler")
@@ -136,10 +134,7 @@ class StageContext:
             update_json(
                 self.config_path,
                 {
-                    "preset": p.name,
-                    "pae": to_jsonable(p.pae),
-                    "dit": to_jsonable(p.dit),
-                    "sampler": to_jsonable(p.sampler),
+                    **preset_config(p),
                     "recipe": to_jsonable(self.recipe),
                     "dataset": p.dataset,
                     "class_names": list(p.class_names),
@@ -185,7 +180,7 @@ def vfm_reference(preset: Preset, fingerprint: str | None = None) -> dict[str, A
             ref["package"] = package
         weights = bundled_weights_path(spec.kind)
         ref["weights_file"] = weights.name
-        ref["weights_sha256"] = file_digest(weights) if weights.is_file() else None
+        ref["weights_sha256"] = sha256_file(weights) if weights.is_file() else None
     else:
         ref["path"] = spec.path
     if fingerprint is not None:
@@ -267,12 +262,3 @@ def _with_dataset(preset: Preset, name: str, root: str | None) -> Preset:
             f"{preset.dit.num_classes}"
         )
     return dataclasses.replace(preset, dataset=name, class_names=tuple(data.class_names))
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """sha256 of a file, for records that tie derived data to the weights that made it."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

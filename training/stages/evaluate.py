@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from model.checkpoint import CLASSIFIER_FILE, to_jsonable
 from training.distributed import barrier
 from training.feature_cache import FeatureCache
 from training.lpips import LPIPS
@@ -39,7 +40,6 @@ from training.metrics.recon import psnr, ssim
 from training.stages import assets
 from training.stages.context import StageContext
 from training.stages.grid import generate
-from training.stages.overrides import to_jsonable
 
 STAGE = "evaluate"
 MASKED_DATASETS = ("fashion-mnist", "fmnist", "fashion_mnist", "mnist-5k", "mnist5k")
@@ -187,7 +187,7 @@ def _classifier(ctx: StageContext, test_data: Any) -> tuple[Any, float | None]:
     """The shipped classifier (trained on the training split when `classifier.safetensors` is absent)
     and its accuracy on the evaluation split; `(None, None)` for images above `CLASSIFIER_MAX_SIZE`."""
     size = ctx.preset.pae.image_size
-    path = ctx.out / assets.CLASSIFIER_FILE
+    path = ctx.out / CLASSIFIER_FILE
     if path.is_file():
         model = load_classifier(path)
     else:

@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 
+from model.checkpoint import DIT_EMA_FILE
 from model.flow import flow_loss, interpolate, sample_training_t
+from model.hashing import sha256_file
 from model.lightningdit import LightningDiT
 from training.distributed import ShardedBatches, barrier, wrap_ddp
 from training.latent_shards import LatentShards
@@ -34,7 +36,7 @@ from training.stages.common import (
     seed_init,
     train_and_record,
 )
-from training.stages.context import StageContext, file_digest
+from training.stages.context import StageContext
 from training.stages.grid import class_grid
 
 STAGE = "generator"
@@ -116,7 +118,7 @@ def fit(ctx: StageContext) -> tuple[dict[str, Any], Trainables]:
             barrier(env)
 
     def save() -> None:
-        assets.save_weights(ctx.out / assets.DIT_EMA_FILE, ema.state_dict())
+        assets.save_weights(ctx.out / DIT_EMA_FILE, ema.state_dict())
 
     record = train_and_record(
         ctx,
@@ -129,7 +131,7 @@ def fit(ctx: StageContext) -> tuple[dict[str, Any], Trainables]:
         start_step=start,
         save=save,
         outputs=lambda: {
-            "dit_ema_sha256": file_digest(ctx.out / assets.DIT_EMA_FILE),
+            "dit_ema_sha256": sha256_file(ctx.out / DIT_EMA_FILE),
             "samples": samples_path(ctx, cfg.steps),
         },
         on_step_end=on_step_end,

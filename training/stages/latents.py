@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from training.checkpoint import CheckpointError, read_metadata, save_tensors
+from model.checkpoint import LATENT_STATS_FILE, CheckpointError, read_metadata, save_tensors
 from training.distributed import barrier, broadcast_flag
 from training.feature_cache import FeatureCache
 from training.latent_shards import SHARD_SIZE, LatentShards, LatentShardWriter
@@ -62,7 +62,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 def _complete(ctx: StageContext, directory: Path, pae_sha: str) -> bool:
     """Shards and matching stats already written by these tokenizer weights (and not forced to redo)."""
-    stats = ctx.out / assets.STATS_FILE
+    stats = ctx.out / LATENT_STATS_FILE
     if ctx.force or not stats.is_file():
         return False
     try:
@@ -118,7 +118,7 @@ def _encode(
         std = (total_sq / cells - mean.square()).clamp_min(0).sqrt()
         writer.finish(n)
     save_tensors(
-        ctx.out / assets.STATS_FILE,
+        ctx.out / LATENT_STATS_FILE,
         {"mean": mean.float(), "std": std.float()},
         {"source": "un-flipped training latents", "count": str(n), "pae_ema_sha256": pae_sha},
     )

@@ -20,17 +20,20 @@ from typing import Any
 
 from safetensors import safe_open
 
-from training.checkpoint import RESUME_DIR, read_json, resume_dir
-from training.distributed import barrier
-from training.stages import evaluate, generator, latents, refine, tokenizer
-from training.stages.assets import (
+from model.checkpoint import (
     CLASSIFIER_FILE,
+    CONFIG_FILE,
     DIT_EMA_FILE,
+    LATENT_STATS_FILE,
+    METRICS_FILE,
     PAE_EMA_FILE,
     PAE_FILE,
-    STATS_FILE,
+    read_json,
 )
-from training.stages.context import CONFIG_FILE, METRICS_FILE, STAGES, StageContext
+from training.checkpoint import RESUME_DIR, resume_dir
+from training.distributed import barrier
+from training.stages import evaluate, generator, latents, refine, tokenizer
+from training.stages.context import STAGES, StageContext
 
 MODEL_CARD_FILE = "MODEL_CARD.md"
 # Everything from this heading on is written by people (how the recipe was chosen, what was measured
@@ -48,7 +51,7 @@ SHIPPED = (
     PAE_FILE,
     PAE_EMA_FILE,
     DIT_EMA_FILE,
-    STATS_FILE,
+    LATENT_STATS_FILE,
     CLASSIFIER_FILE,
     METRICS_FILE,
     "samples.png",

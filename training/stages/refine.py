@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from model.checkpoint import REFINE_FILE
 from model.pae import Projector, ViTBlock, init_weights, sphere_norm
 from model.pos_embed import sincos_2d
 from training.distributed import ShardedBatches, barrier, unwrap, wrap_ddp
@@ -223,7 +224,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         return {"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()}}
 
     def save() -> None:
-        assets.save_weights(ctx.out / assets.REFINE_FILE, net, {"vfm_fingerprint": fingerprint})
+        assets.save_weights(ctx.out / REFINE_FILE, net, {"vfm_fingerprint": fingerprint})
 
     def outputs() -> dict[str, Any]:
         targets = _write_targets(ctx, unwrap(net), feats, fingerprint, flips)

@@ -27,8 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from model.checkpoint import PAE_EMA_FILE, PAE_FILE, REFINE_FILE, CheckpointError, read_metadata
+from model.hashing import sha256_file
 from model.pae import PAE
-from training.checkpoint import CheckpointError, read_metadata
 from training.discriminator import PatchDiscriminator
 from training.distributed import DistEnv, ShardedBatches, unwrap, wrap_ddp
 from training.feature_cache import FeatureCache
@@ -47,7 +48,7 @@ from training.stages.common import (
     seed_init,
     train_and_record,
 )
-from training.stages.context import StageContext, file_digest
+from training.stages.context import StageContext
 
 STAGE = "tokenizer"
 
@@ -70,10 +71,10 @@ def _refined_targets(ctx: StageContext, fingerprint: str) -> FeatureCache:
     """The `refine` stage's Z_T, after checking they were made from this VFM (and with mirror rows
     when the tokenizer flips)."""
     rec = ctx.require("refine", STAGE)
-    refine_meta = read_metadata(ctx.out / assets.REFINE_FILE)
+    refine_meta = read_metadata(ctx.out / REFINE_FILE)
     if refine_meta.get("vfm_fingerprint") != fingerprint:
         raise CheckpointError(
-            f"{ctx.out / assets.REFINE_FILE} was trained on another VFM (fingerprint "
+            f"{ctx.out / REFINE_FILE} was trained on another VFM (fingerprint "
             f"{refine_meta.get('vfm_fingerprint')!r}, current {fingerprint!r}); rerun the refine stage"
         )
     if ctx.recipe.tokenizer.hflip and not rec.get("flips"):
@@ -249,8 +250,8 @@ def fit(ctx: StageContext) -> tuple[dict[str, Any], Trainables]:
     )
 
     def save() -> None:
-        assets.save_weights(ctx.out / assets.PAE_FILE, pae)
-        assets.save_weights(ctx.out / assets.PAE_EMA_FILE, ema.state_dict())
+        assets.save_weights(ctx.out / PAE_FILE, pae)
+        assets.save_weights(ctx.out / PAE_EMA_FILE, ema.state_dict())
 
     record = train_and_record(
         ctx,
@@ -262,6 +263,6 @@ def fit(ctx: StageContext) -> tuple[dict[str, Any], Trainables]:
         ckpt_every=cfg.ckpt_every,
         start_step=start,
         save=save,
-        outputs=lambda: {"pae_ema_sha256": file_digest(ctx.out / assets.PAE_EMA_FILE)},
+        outputs=lambda: {"pae_ema_sha256": sha256_file(ctx.out / PAE_EMA_FILE)},
     )
     return record, state

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from export.repository import ModelConfig
 from service.api.state import AppState
 from service.app import build_app
 from service.broker import Reply
-from service.repository import ModelConfig
 from service.settings import Settings
 
 CONFIG = ModelConfig(
