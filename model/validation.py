@@ -15,7 +15,8 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: object) -> bool:
+def is_number(value: object) -> bool:
+    """A finite int or float, never a bool."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -43,7 +44,7 @@ def positive_numbers(owner: object, *names: str) -> None:
     """Each named field of `owner` is a finite number > 0."""
     for name in names:
         value = getattr(owner, name)
-        if not (_is_number(value) and value > 0):
+        if not (is_number(value) and value > 0):
             _fail(owner, name, "a finite number > 0", value)
 
 
@@ -51,7 +52,7 @@ def non_negative_numbers(owner: object, *names: str) -> None:
     """Each named field of `owner` is a finite number ≥ 0."""
     for name in names:
         value = getattr(owner, name)
-        if not (_is_number(value) and value >= 0):
+        if not (is_number(value) and value >= 0):
             _fail(owner, name, "a finite number ≥ 0", value)
 
 
@@ -60,7 +61,7 @@ def fraction(owner: object, *names: str, closed: bool = False) -> None:
     `closed`."""
     for name in names:
         value = getattr(owner, name)
-        if not (_is_number(value) and value >= 0.0 and (value <= 1.0 if closed else value < 1.0)):
+        if not (is_number(value) and value >= 0.0 and (value <= 1.0 if closed else value < 1.0)):
             _fail(owner, name, f"a number in [0, 1{']' if closed else ')'}", value)
 
 
@@ -70,7 +71,7 @@ def betas(owner: object, name: str = "betas") -> None:
     if not (
         isinstance(value, tuple | list)
         and len(value) == 2
-        and all(_is_number(b) and 0.0 <= b < 1.0 for b in value)
+        and all(is_number(b) and 0.0 <= b < 1.0 for b in value)
     ):
         _fail(owner, name, "two numbers in [0, 1)", value)
 
