@@ -4,18 +4,22 @@ Layout (prefix `pae:<model>:<version>`, so two model versions never share a queu
 
 - `<prefix>:jobs:<task>`   one stream per task, consumer group `workers`; one entry = one image
   or latent, so batch sizes and the queue bound count images, not requests.
+- `<prefix>:cost:<task>`   the summed cost (`service.cost`) of the jobs in the stream: raised by
+  the enqueue script, lowered by the acknowledge script, so QUEUE_MAX_COST bounds work, not entries.
 - `<prefix>:dead:<task>`   dead-letter stream for jobs delivered more than `MAX_DELIVERIES` times.
 - `<prefix>:reply:<replica>`  one reply stream per API replica, read by ONE dispatcher task that
   resolves the waiting futures (a stream, not a list, so a dispatcher that reconnects resumes from
   its last id and loses nothing).
-- `<prefix>:cancel:<request>`  set by the API when a client disconnects or a deadline passes;
-  workers drop the request's jobs before running a batch.
+- `<prefix>:cancel:<request>`  set by the API (to the time, epoch ms) when a client disconnects
+  or a deadline passes; workers drop the request's jobs before running a batch, and take them out
+  of a running batch at its next sampler step.
 - `<prefix>:workers` (sorted set of heartbeat times) and `<prefix>:worker:<id>` (info, with TTL).
 
 A job that runs longer than CLAIM_IDLE_MS can be claimed by a second worker and run twice; that is
 harmless (a dispatcher resolves each job once and ignores a repeat reply) but wasteful, so
-CLAIM_IDLE_MS must exceed the longest batch. Workers XACK and XDEL a job once its reply is written, so XLEN is exactly the number of jobs
-queued or in flight, and the enqueue script bounds that atomically. Payloads are raw bytes in
+CLAIM_IDLE_MS must exceed the longest batch. Workers XACK and XDEL a job once its reply is
+written, so XLEN is exactly the number of jobs queued or in flight, and the enqueue script bounds
+that and their cost atomically. Payloads are raw bytes in
 stream fields (little-endian arrays, UTF-8 text, canonical JSON for sampler settings): no pickle.
 """
 
@@ -46,17 +50,27 @@ CANCEL_GRACE_MS = 60_000
 DISPATCH_BLOCK_MS = 1000
 HEALTH_CHECK_S = 1
 
-# KEYS[1] = job stream. ARGV = max_len, n_jobs, then per job: n_pairs, field1, value1, ...
-# XLEN counts queued plus in-flight jobs (workers delete acknowledged entries), so the check and
-# the XADDs in one script make the bound exact under any number of concurrent API replicas.
+# KEYS[1] = job stream, KEYS[2] = its cost counter. ARGV = max_len, max_cost, n_jobs, cost, then
+# per job: n_pairs, field1, value1, ... XLEN counts queued plus in-flight jobs (workers delete
+# acknowledged entries), so the checks and the XADDs in one script make both bounds exact under any
+# number of concurrent API replicas. An empty stream has no cost: resetting the counter then heals
+# any drift (a Redis restarted without its data, an acknowledgement lost with a dying worker).
 _ENQUEUE_LUA = """
 local len = redis.call('XLEN', KEYS[1])
-local n = tonumber(ARGV[2])
-if len + n > tonumber(ARGV[1]) then
-  return {0, len}
+local cost = 0
+if len == 0 then
+  redis.call('DEL', KEYS[2])
+else
+  cost = tonumber(redis.call('GET', KEYS[2]) or '0')
 end
+local n = tonumber(ARGV[3])
+local add = tonumber(ARGV[4])
+if len + n > tonumber(ARGV[1]) or cost + add > tonumber(ARGV[2]) then
+  return {0, len, cost}
+end
+redis.call('INCRBY', KEYS[2], add)
 local out = {1}
-local pos = 3
+local pos = 5
 for i = 1, n do
   local pairs_n = tonumber(ARGV[pos])
   pos = pos + 1
@@ -68,6 +82,21 @@ for i = 1, n do
   out[#out + 1] = redis.call(unpack(args))
 end
 return out
+"""
+
+# KEYS[1] = job stream, KEYS[2] = its cost counter. ARGV = group, then id1, cost1, id2, cost2, ...
+# Only entries this call really deletes give their cost back, so a job acknowledged twice (run by a
+# slow worker and by the one that reclaimed it) is not subtracted twice.
+_ACK_LUA = """
+local freed = 0
+for i = 2, #ARGV, 2 do
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+  freed = freed + redis.call('XDEL', KEYS[1], ARGV[i]) * tonumber(ARGV[i + 1])
+end
+if freed > 0 and redis.call('DECRBY', KEYS[2], freed) < 0 then
+  redis.call('SET', KEYS[2], 0)
+end
+return freed
 """
 
 
@@ -114,6 +143,9 @@ class Keys:
 
     def dead(self, task: str) -> str:
         return f"{self.prefix}:dead:{task}"
+
+    def cost(self, task: str) -> str:
+        return f"{self.prefix}:cost:{task}"
 
     def reply(self, replica: str) -> str:
         return f"{self.prefix}:reply:{replica}"
@@ -185,6 +217,7 @@ class Job:
     enqueued_ms: int
     fields: dict[bytes, bytes] = field(repr=False)
     deliveries: int = 1
+    cost: int = 1
 
     @classmethod
     def from_entry(cls, task: str, entry_id: bytes, fields: dict[bytes, bytes]) -> Job:
@@ -197,7 +230,16 @@ class Job:
             deadline_ms=int(fields[b"deadline"]),
             enqueued_ms=int(fields[b"enq"]),
             fields=fields,
+            cost=max(int(fields.get(b"cost", b"1")), 0),
         )
+
+
+def _cancel_times(request_ids: Sequence[str], values: Sequence[bytes | None]) -> dict[str, int]:
+    times = {}
+    for rid, value in zip(request_ids, values, strict=True):
+        if value is not None:
+            times[rid] = int(value) if value.isdigit() else 0
+    return times
 
 
 async def ensure_groups(redis: Redis, keys: Keys, tasks: Sequence[str]) -> None:
@@ -213,10 +255,18 @@ async def ensure_groups(redis: Redis, keys: Keys, tasks: Sequence[str]) -> None:
 class BrokerClient:
     """The API replica's side: enqueue jobs, wait for their replies, cancel what is abandoned."""
 
-    def __init__(self, redis: Redis, keys: Keys, queue_max_len: int, replica_id: str | None = None) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        queue_max_len: int,
+        replica_id: str | None = None,
+        queue_max_cost: int = 1 << 62,
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.queue_max_len = queue_max_len
+        self.queue_max_cost = queue_max_cost
         self.replica_id = replica_id or uuid.uuid4().hex
         self.reply_key = keys.reply(self.replica_id)
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
@@ -275,12 +325,38 @@ class BrokerClient:
                     if fut is not None and not fut.done():
                         fut.set_result(reply)
 
+    async def admit(self, task: str) -> None:
+        """Raise QueueFull when the task's queue has no room for even the cheapest job.
+
+        One round trip, made before a request's body is read: under a burst the refusal must not
+        wait for an upload, JSON parsing or image decoding it would throw away. The enqueue script
+        stays the exact check; this one only answers early when the answer is already known.
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xlen(self.keys.jobs(task))
+        pipe.get(self.keys.cost(task))
+        try:
+            length, cost = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise Unavailable(f"the job queue (Redis) is unavailable: {exc}") from None
+        cost = int(cost or 0) if length else 0
+        if length >= self.queue_max_len or cost >= self.queue_max_cost:
+            raise QueueFull(self._full_message(task, int(length), cost))
+
+    def _full_message(self, task: str, length: int, cost: int, jobs: int = 0, adds: int = 0) -> str:
+        asked = f"; this request adds {jobs} jobs costing {adds}" if jobs else ""
+        return (
+            f"the {task} queue is full ({length} jobs costing {cost} queued; QUEUE_MAX_LEN="
+            f"{self.queue_max_len}, QUEUE_MAX_COST={self.queue_max_cost}{asked}); retry later"
+        )
+
     async def submit(
         self, task: str, payloads: Sequence[dict[str, bytes | str | int]], deadline_ms: int
     ) -> list[Reply]:
         """Enqueue one job per payload (all or none) and return their replies in order.
 
-        Raises QueueFull (the bound would be passed), Unavailable (Redis unreachable),
+        A payload's `cost` field (default 1) is what the job adds to the queue's cost.
+        Raises QueueFull (a bound would be passed), Unavailable (Redis unreachable),
         DeadlineExceeded (the deadline passed first: the jobs are cancelled) or JobFailed (a worker
         answered with an error). If the awaiting task is cancelled (client gone) the jobs are
         cancelled too.
@@ -290,7 +366,8 @@ class BrokerClient:
         job_ids = [f"{request_id}.{i}" for i in range(len(payloads))]
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in job_ids]
-        args: list[bytes | str | int] = [self.queue_max_len, len(payloads)]
+        total = sum(int(payload.get("cost", 1)) for payload in payloads)
+        args: list[bytes | str | int] = [self.queue_max_len, self.queue_max_cost, len(payloads), total]
         for job_id, payload in zip(job_ids, payloads, strict=True):
             fields: dict[str, bytes | str | int] = {
                 "id": job_id,
@@ -307,13 +384,12 @@ class BrokerClient:
             self._waiting[job_id] = fut
         try:
             try:
-                result = await self._enqueue(keys=[self.keys.jobs(task)], args=args)
+                result = await self._enqueue(keys=[self.keys.jobs(task), self.keys.cost(task)], args=args)
             except (RedisError, OSError) as exc:
                 raise Unavailable(f"the job queue (Redis) is unavailable: {exc}") from None
             if int(result[0]) == 0:
                 raise QueueFull(
-                    f"the {task} queue is full ({int(result[1])} queued, QUEUE_MAX_LEN={self.queue_max_len}, "
-                    f"this request adds {len(payloads)}); retry later"
+                    self._full_message(task, int(result[1]), int(result[2]), len(payloads), total)
                 )
             timeout = (deadline_ms - now_ms()) / 1000
             try:
@@ -335,9 +411,10 @@ class BrokerClient:
         return replies
 
     async def _cancel(self, request_id: str, deadline_ms: int) -> None:
-        ttl = max(deadline_ms - now_ms(), 0) + CANCEL_GRACE_MS
+        now = now_ms()
+        ttl = max(deadline_ms - now, 0) + CANCEL_GRACE_MS
         try:
-            await self.redis.set(self.keys.cancel(request_id), b"1", px=ttl)
+            await self.redis.set(self.keys.cancel(request_id), now, px=ttl)
         except (RedisError, OSError) as exc:
             log.warning("could not mark request %s cancelled: %s", request_id, exc)
 
@@ -431,8 +508,9 @@ class BrokerWorker:
         self._queue_ack(pipe, task, jobs)
         await pipe.execute()
 
-    async def screen(self, task: str, jobs: Sequence[Job]) -> tuple[set[str], int]:
-        """Request ids among `jobs` whose cancel key is set, and the task's depth, in one round trip.
+    async def screen(self, task: str, jobs: Sequence[Job]) -> tuple[dict[str, int], int, int]:
+        """The cancelled requests among `jobs` (`cancelled`), and the task's depth and queued cost,
+        in one round trip.
 
         Round trips, not bytes, are what a worker pays per batch on a busy machine (each one wakes
         Redis and waits to be scheduled again), so the pre-batch checks share one pipeline.
@@ -442,9 +520,18 @@ class BrokerWorker:
         if rids:
             pipe.mget([self.keys.cancel(r) for r in rids])
         pipe.xlen(self.keys.jobs(task))
+        pipe.get(self.keys.cost(task))
         out = await pipe.execute()
-        gone = {rid for rid, value in zip(rids, out[0], strict=True) if value is not None} if rids else set()
-        return gone, int(out[-1])
+        gone = _cancel_times(rids, out[0]) if rids else {}
+        return gone, int(out[-2]), int(out[-1] or 0)
+
+    async def cancelled(self, request_ids: Sequence[str]) -> dict[str, int]:
+        """request id → when it was cancelled (epoch ms; 0 when the key holds no time), for those
+        among `request_ids` whose cancel key is set."""
+        rids = sorted(set(request_ids))
+        if not rids:
+            return {}
+        return _cancel_times(rids, await self.redis.mget([self.keys.cancel(r) for r in rids]))
 
     async def drop(self, task: str, jobs: Sequence[Job]) -> None:
         """Acknowledge and delete jobs without replying (expired or cancelled: nobody waits)."""
@@ -453,11 +540,13 @@ class BrokerWorker:
             self._queue_ack(pipe, task, jobs)
             await pipe.execute()
 
-    async def answer(self, task: str, jobs: Sequence[Job], replies: Sequence[Reply]) -> None:
-        """Write each reply to its caller's reply stream, then XACK and XDEL, in one round trip."""
+    async def answer(self, task: str, jobs: Sequence[Job], replies: Sequence[Reply | None]) -> None:
+        """Write each reply to its caller's reply stream (None: nobody waits, so no reply), then
+        acknowledge and delete every job, in one round trip."""
         pipe = self.redis.pipeline(transaction=False)
         for job, reply in zip(jobs, replies, strict=True):
-            self._queue_reply(pipe, job, reply)
+            if reply is not None:
+                self._queue_reply(pipe, job, reply)
         self._queue_ack(pipe, task, jobs)
         await pipe.execute()
 
@@ -466,9 +555,10 @@ class BrokerWorker:
         pipe.pexpire(job.reply_key, REPLY_TTL_MS)
 
     def _queue_ack(self, pipe, task: str, jobs: Sequence[Job]) -> None:
-        ids = [job.entry_id for job in jobs]
-        pipe.xack(self.keys.jobs(task), GROUP, *ids)
-        pipe.xdel(self.keys.jobs(task), *ids)
+        pairs: list[bytes | int] = []
+        for job in jobs:
+            pairs.extend((job.entry_id, job.cost))
+        pipe.eval(_ACK_LUA, 2, self.keys.jobs(task), self.keys.cost(task), GROUP, *pairs)
 
     async def depth(self, task: str) -> int:
         """Jobs queued or in flight for `task` (acknowledged entries are deleted)."""
