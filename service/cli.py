@@ -89,6 +89,7 @@ def serve_main(argv: Sequence[str] | None = None) -> None:
 
     import uvicorn
 
+    from service.api.server import PROTOCOL
     from service.embedded import EmbeddedRedis, WorkerThread
 
     # uvicorn re-raises the SIGTERM it handled once it has shut down; turning that into SystemExit
@@ -107,6 +108,7 @@ def serve_main(argv: Sequence[str] | None = None) -> None:
         uvicorn.run(
             "service.app:create_app",
             factory=True,
+            http=PROTOCOL,
             host=args.host,
             port=args.port,
             workers=args.workers,

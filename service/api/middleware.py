@@ -1,4 +1,4 @@
-"""ASGI middleware: request metrics per endpoint, and the body-size limit.
+"""ASGI middleware: request metrics per endpoint, and the request body's size and time limits.
 
 Both are plain ASGI (not Starlette's BaseHTTPMiddleware) so they see every response, including
 those of exception handlers, and so a streamed body can be counted as it arrives.
@@ -6,6 +6,7 @@ those of exception handlers, and so a streamed body can be counted as it arrives
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -17,7 +18,7 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
-from service.errors import PayloadTooLarge
+from service.errors import PayloadTooLarge, RequestTimeout
 
 _LABEL = "metrics_endpoint_label"
 Handler = TypeVar("Handler", bound=Callable[..., Any])
@@ -84,43 +85,63 @@ class RequestMetrics:
             metrics.REQUEST_DURATION.labels(endpoint, code).observe(time.perf_counter() - start)
 
 
-class BodyLimit:
-    """Refuse bodies over MAX_BODY_BYTES: by Content-Length before reading, or while streaming
-    (chunked uploads declare no length, so the bytes are counted as they arrive)."""
+class RequestBody:
+    """The request body's limits: MAX_BODY_BYTES (by Content-Length before reading, or counted as a
+    chunked upload arrives), and BODY_TIMEOUT_S of silence between two chunks (a 408: a client
+    that stalls mid-upload must not hold the connection for the whole request deadline).
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    Any answer sent before the body has fully arrived (a refusal that did not need it, a 413, a
+    408) says `Connection: close`: the rest of the body is still on the wire, and a client that
+    keeps trickling it must not keep the connection.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, idle_timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.idle_timeout_s = idle_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.max_bytes
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    declared = -1
-                if declared > limit:
-                    await self._refuse(send, declared)
-                    return
-        seen = 0
+        limit, idle = self.max_bytes, self.idle_timeout_s
+        headers = dict(scope.get("headers", ()))
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            size = int(declared) if declared.isdigit() else -1
+            if size > limit:
+                await self._refuse(send, size)
+                return
+        # A request with neither Content-Length nor Transfer-Encoding has no body (RFC 9112 §6.3).
+        state = {"complete": declared in (None, b"0") and b"transfer-encoding" not in headers, "seen": 0}
 
-        async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
+        async def guarded_receive() -> Message:
+            if state["complete"]:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), idle)
+            except asyncio.TimeoutError:
+                metrics.SLOW_CLIENTS.labels("body").inc()
+                raise RequestTimeout(
+                    f"the request body stalled: no data for {idle:g} s (BODY_TIMEOUT_S)"
+                ) from None
             if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
+                state["seen"] += len(message.get("body", b""))
+                if state["seen"] > limit:
                     raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes (MAX_BODY_BYTES)")
+                state["complete"] = not message.get("more_body", False)
             return message
 
-        await self.app(scope, limited_receive, send)
+        async def closing_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and not state["complete"]:
+                raw = list(message.get("headers", []))
+                if not any(name.lower() == b"connection" for name, _ in raw):
+                    message = {**message, "headers": [*raw, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, guarded_receive, closing_send)
 
     async def _refuse(self, send: Send, declared: int) -> None:
-        # The unread body is still on the wire, so the connection cannot be reused: close it.
         detail = f"body of {declared} bytes exceeds the limit of {self.max_bytes} bytes (MAX_BODY_BYTES)"
         await send(
             {

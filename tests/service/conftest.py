@@ -23,6 +23,7 @@ import torch
 import uvicorn
 from prometheus_client import REGISTRY
 
+from service.api.server import PROTOCOL
 from service.app import create_app
 from service.embedded import EmbeddedRedis, WorkerThread, free_port
 from service.settings import Settings
@@ -95,7 +96,12 @@ class LiveServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(
-            create_app(settings), host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+            create_app(settings),
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="on",
+            http=PROTOCOL,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

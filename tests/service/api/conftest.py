@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from service.api.state import AppState
 from service.app import build_app
 from service.broker import Reply
+from service.errors import QueueFull
 from service.repository import ModelConfig
 from service.settings import Settings
 
@@ -49,6 +50,11 @@ class StandInBroker:
         self.redis = StandInRedis()
         self.workers: list[dict[str, object]] = []
         self.submitted: list[tuple[str, list[dict], int]] = []
+        self.full: set[str] = set()
+
+    async def admit(self, task: str) -> None:
+        if task in self.full:
+            raise QueueFull(f"the {task} queue is full (stand-in)")
 
     async def submit(self, task: str, payloads: Sequence[dict], deadline_ms: int) -> list[Reply]:
         self.submitted.append((task, list(payloads), deadline_ms))
