@@ -392,16 +392,19 @@ class BrokerClient:
                     self._full_message(task, int(result[1]), int(result[2]), len(payloads), total)
                 )
             timeout = (deadline_ms - now_ms()) / 1000
+            # asyncio.wait, not wait_for(gather(...)): a gather cancelled with its caller keeps a
+            # CancelledError nobody retrieves, which asyncio logs as an error with a traceback.
             try:
-                replies = await asyncio.wait_for(asyncio.gather(*futures), timeout=max(timeout, 0.001))
-            except asyncio.TimeoutError:
-                await self._cancel(request_id, deadline_ms)
-                raise DeadlineExceeded(
-                    f"the {task} request did not finish within its deadline; its jobs were cancelled"
-                ) from None
+                _done, pending = await asyncio.wait(futures, timeout=max(timeout, 0.001))
             except asyncio.CancelledError:
                 await asyncio.shield(self._cancel(request_id, deadline_ms))
                 raise
+            if pending:
+                await self._cancel(request_id, deadline_ms)
+                raise DeadlineExceeded(
+                    f"the {task} request did not finish within its deadline; its jobs were cancelled"
+                )
+            replies = [future.result() for future in futures]
         finally:
             for job_id in job_ids:
                 self._waiting.pop(job_id, None)
