@@ -25,7 +25,7 @@ from fastapi import FastAPI
 
 from service.api import errors, health, inference, models, openapi
 from service.api.middleware import RequestBody, RequestMetrics
-from service.api.server import HEADER_TIMEOUT_STATE
+from service.api.server import BODY_TIMEOUT_STATE, HEADER_TIMEOUT_STATE
 from service.api.state import AppState, attach, state_of
 from service.settings import Settings
 
@@ -37,11 +37,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
     """Connect to Redis and start the reply dispatcher for as long as the app serves.
 
     The yielded state reaches uvicorn's connection protocol (`service.api.server`), which times
-    out requests whose headers stall before the app ever sees them.
+    out requests whose headers stall before the app ever sees them, and bodies answered unread.
     """
     state = state_of(app)
     async with state.connected():
-        yield {HEADER_TIMEOUT_STATE: state.settings.header_timeout_s}
+        yield {
+            HEADER_TIMEOUT_STATE: state.settings.header_timeout_s,
+            BODY_TIMEOUT_STATE: state.settings.body_timeout_s,
+        }
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -3,7 +3,7 @@
 Codecs, body readers and the broker raise typed `ServiceError`s where they find the problem; this
 module is the one place that turns them (and FastAPI's own validation errors, and a client that
 goes away mid-upload) into responses, with the headers a client needs to react: Retry-After on
-429/503, WWW-Authenticate on 401, `Connection: close` where the connection cannot be reused.
+429/503, WWW-Authenticate on 401, `Connection: close` where the connection is not worth keeping.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
-from service.errors import ClientGone, QueueFull, RequestTimeout, ServiceError, Unavailable
+from service.errors import ClientGone, PayloadTooLarge, QueueFull, RequestTimeout, ServiceError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,8 @@ async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
         headers["Retry-After"] = str(exc.retry_after_s)
     elif isinstance(exc, Unavailable):
         headers["Retry-After"] = "1"
-    elif isinstance(exc, RequestTimeout):
-        headers["Connection"] = "close"
+    elif isinstance(exc, RequestTimeout | PayloadTooLarge):
+        headers["Connection"] = "close"  # the rest of the body is not worth reading
     elif exc.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     return error_response(exc.status, exc.message, headers)

@@ -88,11 +88,9 @@ class RequestMetrics:
 class RequestBody:
     """The request body's limits: MAX_BODY_BYTES (by Content-Length before reading, or counted as a
     chunked upload arrives), and BODY_TIMEOUT_S of silence between two chunks (a 408: a client
-    that stalls mid-upload must not hold the connection for the whole request deadline).
-
-    Any answer sent before the body has fully arrived (a refusal that did not need it, a 413, a
-    408) says `Connection: close`: the rest of the body is still on the wire, and a client that
-    keeps trickling it must not keep the connection.
+    that stalls mid-upload must not hold the connection for the whole request deadline). Both
+    answers close the connection: the rest of such a body is not worth reading. A body the app
+    answers without reading is the connection protocol's to time (`service.api.server`).
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int, idle_timeout_s: float) -> None:
@@ -132,14 +130,7 @@ class RequestBody:
                 state["complete"] = not message.get("more_body", False)
             return message
 
-        async def closing_send(message: Message) -> None:
-            if message["type"] == "http.response.start" and not state["complete"]:
-                raw = list(message.get("headers", []))
-                if not any(name.lower() == b"connection" for name, _ in raw):
-                    message = {**message, "headers": [*raw, (b"connection", b"close")]}
-            await send(message)
-
-        await self.app(scope, guarded_receive, closing_send)
+        await self.app(scope, guarded_receive, send)
 
     async def _refuse(self, send: Send, declared: int) -> None:
         detail = f"body of {declared} bytes exceeds the limit of {self.max_bytes} bytes (MAX_BODY_BYTES)"

@@ -1,4 +1,5 @@
-"""The HTTP connection's own guard: each request's headers must arrive within HEADER_TIMEOUT_S.
+"""The HTTP connection's own guards: each request's headers must arrive within HEADER_TIMEOUT_S,
+and a body the app answered without reading must finish within BODY_TIMEOUT_S.
 
 uvicorn closes a keep-alive connection that sits idle between requests, but nothing else: a client
 that opens a connection and sends nothing, or sends its headers a byte at a time, holds that
@@ -6,10 +7,16 @@ connection (and a file descriptor) for as long as it likes, and enough of them s
 (slowloris). The ASGI app cannot help, since it only sees a request once its headers are complete,
 so the clock runs in the protocol: from the connection's first moment, or a request's first byte on
 a kept-alive connection, to the end of its headers. A late client gets a 408 and the connection
-closes. Bodies are timed in the app (`service.api.middleware.RequestBody`), where the answer can
-be an ordinary error response.
+closes.
 
-`pae-serve` selects this protocol with `uvicorn.run(http=PROTOCOL)`; the timeout comes from the
+When the app answers before reading the body (a 401, a 429 decided up front), uvicorn keeps the
+connection and reads the rest of the body past; closing at once instead would make the kernel reset
+the connection over the unread bytes, and the client could lose the answer already sent. But a
+client that never finishes that body would keep the connection forever, so it gets BODY_TIMEOUT_S
+to do so. Bodies the app does read are timed in the app (`service.api.middleware.RequestBody`),
+where the answer can be an ordinary error response.
+
+`pae-serve` selects this protocol with `uvicorn.run(http=PROTOCOL)`; the timeouts come from the
 app's settings through the lifespan state, which uvicorn hands every protocol instance.
 """
 
@@ -23,13 +30,14 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service import metrics
 
-PROTOCOL = "service.api.server:HeaderTimeoutProtocol"
+PROTOCOL = "service.api.server:GuardedProtocol"
 """uvicorn's `http` option: an import string, so worker processes started by uvicorn find it too."""
 
 HEADER_TIMEOUT_STATE = "pae.header_timeout_s"
-"""Key of HEADER_TIMEOUT_S in the lifespan state (`service.app.lifespan`)."""
+BODY_TIMEOUT_STATE = "pae.body_timeout_s"
+"""Keys of HEADER_TIMEOUT_S and BODY_TIMEOUT_S in the lifespan state (`service.app.lifespan`)."""
 
-DEFAULT_HEADER_TIMEOUT_S = 10.0
+DEFAULT_TIMEOUT_S = 10.0
 
 
 def _timeout_response(timeout_s: float) -> bytes:
@@ -44,41 +52,56 @@ def _timeout_response(timeout_s: float) -> bytes:
     )
 
 
-class HeaderTimeoutProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a deadline on each request's headers."""
+class GuardedProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline on each request's headers and on the rest of
+    a body answered early."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._header_timer: asyncio.TimerHandle | None = None
+        self._drain_timer: asyncio.TimerHandle | None = None
 
-    def _timeout_s(self) -> float:
-        return float(self.app_state.get(HEADER_TIMEOUT_STATE, DEFAULT_HEADER_TIMEOUT_S))
+    def _timeout_s(self, key: str) -> float:
+        return float(self.app_state.get(key, DEFAULT_TIMEOUT_S))
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm()
+        self._arm_headers()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._arm()
+        self._arm_headers()
 
     def on_headers_complete(self) -> None:
-        self._disarm()
+        self._header_timer = self._cancel(self._header_timer)
         super().on_headers_complete()
 
+    def on_message_complete(self) -> None:
+        self._drain_timer = self._cancel(self._drain_timer)
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        unread = self.cycle is not None and self.cycle.more_body and not self.transport.is_closing()
+        super().on_response_complete()
+        if unread and self._drain_timer is None:
+            self._drain_timer = self.loop.call_later(self._timeout_s(BODY_TIMEOUT_STATE), self._body_late)
+
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
+        self._header_timer = self._cancel(self._header_timer)
+        self._drain_timer = self._cancel(self._drain_timer)
         super().connection_lost(exc)
 
-    def _arm(self) -> None:
+    @staticmethod
+    def _cancel(timer: asyncio.TimerHandle | None) -> None:
+        if timer is not None:
+            timer.cancel()
+
+    def _arm_headers(self) -> None:
         """Start the clock unless it already runs (a request's first byte does not restart it)."""
         if self._header_timer is None:
-            self._header_timer = self.loop.call_later(self._timeout_s(), self._headers_late)
-
-    def _disarm(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
+            self._header_timer = self.loop.call_later(
+                self._timeout_s(HEADER_TIMEOUT_STATE), self._headers_late
+            )
 
     def _headers_late(self) -> None:
         self._header_timer = None
@@ -86,8 +109,15 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
             return
         metrics.SLOW_CLIENTS.labels("headers").inc()
         if self.cycle is None or self.cycle.response_complete:
-            self.transport.write(_timeout_response(self._timeout_s()))
+            self.transport.write(_timeout_response(self._timeout_s(HEADER_TIMEOUT_STATE)))
             self.transport.close()
         else:
             # A pipelined request stalled behind one still running: close once that one is answered.
             self.cycle.keep_alive = False
+
+    def _body_late(self) -> None:
+        """The answer went out long ago; the client is still not done sending the body."""
+        self._drain_timer = None
+        if not self.transport.is_closing():
+            metrics.SLOW_CLIENTS.labels("body").inc()
+            self.transport.close()
