@@ -24,7 +24,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from service.api import errors, health, inference, models, openapi
-from service.api.middleware import RequestBody, RequestMetrics
+from service.api.middleware import EarlyRefusal, RequestBody, RequestMetrics
 from service.api.server import BODY_TIMEOUT_STATE, HEADER_TIMEOUT_STATE
 from service.api.state import AppState, attach, state_of
 from service.settings import Settings
@@ -65,10 +65,12 @@ def build_app(state: AppState) -> FastAPI:
     attach(app, state)
     for router in ROUTERS:
         app.include_router(router)
+    routes = [route for router in ROUTERS for route in router.routes]
     app.add_middleware(
         RequestBody, max_bytes=state.settings.max_body_bytes, idle_timeout_s=state.settings.body_timeout_s
     )
+    app.add_middleware(EarlyRefusal, routes=routes)
     # The middleware added last is outermost: the metrics see every answer, the body limit's 413 too.
-    app.add_middleware(RequestMetrics, routes=[route for router in ROUTERS for route in router.routes])
+    app.add_middleware(RequestMetrics, routes=routes)
     openapi.install(app, state)
     return app

@@ -49,6 +49,10 @@ DEAD_MAXLEN = 10_000
 CANCEL_GRACE_MS = 60_000
 DISPATCH_BLOCK_MS = 1000
 HEALTH_CHECK_S = 1
+FULL_MEMORY_S = 0.05
+"""How long a replica refuses a task's requests without asking Redis after it saw the queue full.
+Under a burst that turns most 429s into a dictionary lookup; a queue that frees room meanwhile
+costs a few needless 429s, whose Retry-After is a second anyway."""
 
 # KEYS[1] = job stream, KEYS[2] = its cost counter. ARGV = max_len, max_cost, n_jobs, cost, then
 # per job: n_pairs, field1, value1, ... XLEN counts queued plus in-flight jobs (workers delete
@@ -267,6 +271,7 @@ class BrokerClient:
         self.keys = keys
         self.queue_max_len = queue_max_len
         self.queue_max_cost = queue_max_cost
+        self._full: dict[str, tuple[float, str]] = {}
         self.replica_id = replica_id or uuid.uuid4().hex
         self.reply_key = keys.reply(self.replica_id)
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
@@ -328,10 +333,14 @@ class BrokerClient:
     async def admit(self, task: str) -> None:
         """Raise QueueFull when the task's queue has no room for even the cheapest job.
 
-        One round trip, made before a request's body is read: under a burst the refusal must not
-        wait for an upload, JSON parsing or image decoding it would throw away. The enqueue script
-        stays the exact check; this one only answers early when the answer is already known.
+        Made before a request's body is read: under a burst the refusal must not wait for an
+        upload, JSON parsing or image decoding it would throw away. One round trip, or none while
+        the queue was seen full in the last FULL_MEMORY_S. The enqueue script stays the exact
+        check; this one only answers early when the answer is already known.
         """
+        refusal = self.refusal(task)
+        if refusal is not None:
+            raise QueueFull(refusal)
         pipe = self.redis.pipeline(transaction=False)
         pipe.xlen(self.keys.jobs(task))
         pipe.get(self.keys.cost(task))
@@ -341,7 +350,17 @@ class BrokerClient:
             raise Unavailable(f"the job queue (Redis) is unavailable: {exc}") from None
         cost = int(cost or 0) if length else 0
         if length >= self.queue_max_len or cost >= self.queue_max_cost:
-            raise QueueFull(self._full_message(task, int(length), cost))
+            raise QueueFull(self._remember_full(task, int(length), cost))
+
+    def refusal(self, task: str) -> str | None:
+        """Why the task's queue is full, if it was seen full in the last FULL_MEMORY_S (no I/O)."""
+        until, message = self._full.get(task, (0.0, ""))
+        return message if time.monotonic() < until else None
+
+    def _remember_full(self, task: str, length: int, cost: int) -> str:
+        message = self._full_message(task, length, cost)
+        self._full[task] = (time.monotonic() + FULL_MEMORY_S, message)
+        return message
 
     def _full_message(self, task: str, length: int, cost: int, jobs: int = 0, adds: int = 0) -> str:
         asked = f"; this request adds {jobs} jobs costing {adds}" if jobs else ""
@@ -388,9 +407,10 @@ class BrokerClient:
             except (RedisError, OSError) as exc:
                 raise Unavailable(f"the job queue (Redis) is unavailable: {exc}") from None
             if int(result[0]) == 0:
-                raise QueueFull(
-                    self._full_message(task, int(result[1]), int(result[2]), len(payloads), total)
-                )
+                length, cost = int(result[1]), int(result[2])
+                if length >= self.queue_max_len or cost >= self.queue_max_cost:
+                    self._remember_full(task, length, cost)
+                raise QueueFull(self._full_message(task, length, cost, len(payloads), total))
             timeout = (deadline_ms - now_ms()) / 1000
             # asyncio.wait, not wait_for(gather(...)): a gather cancelled with its caller keeps a
             # CancelledError nobody retrieves, which asyncio logs as an error with a traceback.

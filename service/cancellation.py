@@ -6,7 +6,8 @@ worker's event loop reads while the batch computes). Generation looks before eve
 and leaves the abandoned images out of the network calls from then on; the rest of the batch goes
 on with the same numbers it would have had, because every image depends on its own seed alone.
 Encode and decode look before their single graph call. So a batch spends at most one step (plus
-the time the cancel key takes to be read) on a job nobody waits for, instead of the whole batch.
+the time the cancel key takes to be read, CANCEL_POLL_S in the worker) on a job nobody waits for,
+instead of the whole batch.
 """
 
 from __future__ import annotations
@@ -37,17 +38,15 @@ class Drop:
 class BatchWatch:
     """The jobs of one batch, by position ("row"), and which of them are still wanted.
 
-    The worker's event loop feeds cancellations in (`cancel`); the compute thread asks `live`
-    before each step. `wake` (thread-safe) tells the event loop a step passed, so it reads the
-    cancel keys again: cancellations are then seen one step after they happen.
+    The worker's event loop feeds cancellations in (`cancel`) while the batch computes; the compute
+    thread asks `live` before each step.
     """
 
-    def __init__(self, jobs: Sequence[Job], wake: Callable[[], None] | None = None) -> None:
+    def __init__(self, jobs: Sequence[Job]) -> None:
         self._deadlines = [job.deadline_ms for job in jobs]
         self._request_ids = [job.request_id for job in jobs]
         self._cancelled_at: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._wake = wake
         self.started_ms = now_ms()
         self.dropped: dict[int, Drop] = {}
 
@@ -79,8 +78,6 @@ class BatchWatch:
                 if row not in self.dropped:
                     self._check(row, now)
                 out[i] = row not in self.dropped
-        if self._wake is not None:
-            self._wake()
         return out
 
     def _check(self, row: int, now: int) -> None:

@@ -46,9 +46,9 @@ HEARTBEAT_TTL_MS = 5_000
 POLL_MS = 250
 FILL_POLL_S = 0.001
 CANCEL_POLL_S = 0.01
-"""Shortest gap between two reads of a running batch's cancel keys: a read follows each sampler
-step, but a model whose steps take a fraction of a millisecond must not turn that into thousands of
-Redis round trips a second."""
+"""How often a running batch's cancel keys are read. Reading them continuously, not once per step,
+lets the next step see a cancellation however long the steps are: read after each step instead, a
+cancellation landing just after a read would wait a step to be seen and run a second one."""
 
 
 class JobInputError(ValueError):
@@ -301,23 +301,14 @@ class Worker:
         start = now_ms()
         for job in jobs:
             metrics.QUEUE_WAIT.labels(task).observe(max(start - job.enqueued_ms, 0) / 1000)
-        loop = asyncio.get_running_loop()
-        stepped = asyncio.Event()
-
-        def wake() -> None:  # from the compute thread, after each step's check
-            if not stepped.is_set():
-                loop.call_soon_threadsafe(stepped.set)
-
-        watch = BatchWatch(jobs, wake)
-        computing = [True]
-        watcher = asyncio.create_task(self._watch_cancellations(watch, stepped, computing))
+        watch = BatchWatch(jobs)
+        done = asyncio.Event()
+        watcher = asyncio.create_task(self._watch_cancellations(watch, done))
         try:
             replies = await self._compute_isolating(task, jobs, watch)
         finally:
-            # Not watcher.cancel(): redis-py can swallow a cancellation that lands inside a command,
-            # and the watcher would then wait for a step that never comes.
-            computing[0] = False
-            stepped.set()
+            # Not watcher.cancel(): redis-py can swallow a cancellation that lands inside a command.
+            done.set()
             await asyncio.gather(watcher, return_exceptions=True)
         for drop in watch.dropped.values():
             (metrics.EXPIRED if drop.reason == "expired" else metrics.CANCELLED).labels(task).inc()
@@ -327,23 +318,18 @@ class Worker:
                 reply.queue_ms = float(max(start - job.enqueued_ms, 0))
         await self._answer(task, jobs, replies)
 
-    async def _watch_cancellations(
-        self, watch: BatchWatch, stepped: asyncio.Event, computing: list[bool]
-    ) -> None:
-        """While a batch computes (`computing[0]`), read its requests' cancel keys after each step
-        (at most every CANCEL_POLL_S), so a client that goes away frees the batch one step later."""
-        while True:
-            await stepped.wait()
-            stepped.clear()
-            if not computing[0]:
-                return
+    async def _watch_cancellations(self, watch: BatchWatch, done: asyncio.Event) -> None:
+        """Until `done`, read the batch's cancel keys every CANCEL_POLL_S, so a client that goes
+        away frees the batch at the next sampler step."""
+        while not done.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(done.wait(), CANCEL_POLL_S)
             request_ids = watch.waiting_request_ids()
-            if request_ids:
+            if request_ids and not done.is_set():
                 try:
                     watch.cancel(await self.broker.cancelled(request_ids))
                 except (RedisError, OSError) as exc:
                     log.debug("cancel keys unreadable during a batch (%s); deadlines still apply", exc)
-            await asyncio.sleep(CANCEL_POLL_S)
 
     async def _answer(self, task: str, jobs: list[Job], replies: list[Reply | None]) -> None:
         """Deliver computed replies, retrying through a Redis outage until the jobs' deadlines pass.

@@ -21,7 +21,7 @@ from PIL import Image
 
 from service import codecs
 from service.broker import now_ms
-from service.errors import DeadlineExceeded, QueueFull
+from service.errors import DeadlineExceeded
 
 BACKLOG_PER_THREAD = 4
 
@@ -40,13 +40,14 @@ class ImageDecoder:
     def held(self) -> int:
         return self._held
 
-    def admit(self) -> None:
-        """429 when the pool is full: checked before an encode request's body is read."""
-        if self._held >= self.capacity:
-            raise QueueFull(
-                f"image decoding is saturated ({self._held} images waiting or decoding; "
-                f"IMAGE_DECODE_THREADS={self.threads}); retry later"
-            )
+    def refusal(self) -> str | None:
+        """Why the pool takes no new request now (it is full), checked before a body is read."""
+        if self._held < self.capacity:
+            return None
+        return (
+            f"image decoding is saturated ({self._held} images waiting or decoding; "
+            f"IMAGE_DECODE_THREADS={self.threads}); retry later"
+        )
 
     def _release(self, _future: Future[np.ndarray]) -> None:
         with self._lock:

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Header, Request
 
 from service import metrics
-from service.api.state import State
+from service.api.state import AppState, State
 from service.broker import BrokerClient, Reply, now_ms
 from service.errors import BadInput, ClientGone, QueueFull
 
@@ -43,13 +43,23 @@ Deadline = Annotated[int, Depends(request_deadline)]
 """Handler parameter type: `due: Deadline` receives the request's deadline (epoch ms)."""
 
 
+def refusal(state: AppState, task: str) -> str | None:
+    """Why `task` takes no request now, when that is known without I/O: its decoding pool is full
+    (encode), or this replica saw its queue full a moment ago."""
+    if task == "encode" and (why := state.images.refusal()) is not None:
+        return why
+    return state.broker.refusal(task) if state.broker is not None else None
+
+
 def admission(task: str) -> Callable[..., Coroutine[Any, Any, None]]:
-    """Dependency of a task's route: 429 before the body is read when the task cannot take a job."""
+    """Dependency of a task's route: 429 before the body is read when the task cannot take a job
+    (`service.api.middleware.EarlyRefusal` answers the cases known without I/O even earlier)."""
 
     async def admit(state: State) -> None:
         try:
-            if task == "encode":
-                state.images.admit()
+            why = refusal(state, task)
+            if why is not None:
+                raise QueueFull(why)
             await state.jobs().admit(task)
         except QueueFull:
             metrics.REJECTED.labels(task, "queue_full").inc()

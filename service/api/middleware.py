@@ -1,4 +1,5 @@
-"""ASGI middleware: request metrics per endpoint, and the request body's size and time limits.
+"""ASGI middleware: request metrics per endpoint, the request body's size and time limits, and the
+early refusal of requests to a full queue.
 
 Both are plain ASGI (not Starlette's BaseHTTPMiddleware) so they see every response, including
 those of exception handlers, and so a streamed body can be counted as it arrives.
@@ -18,6 +19,9 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
+from service.api.auth import has_key
+from service.api.jobs import refusal
+from service.api.state import state_of
 from service.errors import PayloadTooLarge, RequestTimeout
 
 _LABEL = "metrics_endpoint_label"
@@ -134,11 +138,54 @@ class RequestBody:
 
     async def _refuse(self, send: Send, declared: int) -> None:
         detail = f"body of {declared} bytes exceeds the limit of {self.max_bytes} bytes (MAX_BODY_BYTES)"
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
-            }
-        )
-        await send({"type": "http.response.body", "body": json.dumps({"detail": detail}).encode()})
+        await _send_json(send, 413, detail, [(b"connection", b"close")])
+
+
+class EarlyRefusal:
+    """429 for an inference request whose task is known to be full, before FastAPI routes it.
+
+    Under a burst on a full queue most requests are refused; answering those from here (a lookup
+    of what `service.api.jobs.refusal` already knows, no Redis round trip, no routing or dependency
+    resolution, no body) keeps each refusal near the cost of parsing its headers. Requests without
+    the API key (when one is set) pass through, to get their 401. Everything else is decided by the
+    route itself (`service.api.jobs.admission`).
+    """
+
+    def __init__(self, app: ASGIApp, routes: Sequence[BaseRoute]) -> None:
+        self.app = app
+        self.tasks = {
+            route.path: label
+            for route in routes
+            if isinstance(route, APIRoute)
+            and "POST" in route.methods
+            and (label := getattr(route.endpoint, _LABEL, None))
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = self.tasks.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if task is not None and scope["method"] == "POST":
+            state = state_of(scope["app"])
+            authorization = dict(scope["headers"]).get(b"authorization")
+            if has_key(state.settings, authorization.decode("latin-1") if authorization else None):
+                why = refusal(state, task)
+                if why is not None:
+                    metrics.REJECTED.labels(task, "queue_full").inc()
+                    await _send_json(send, 429, why, [(b"retry-after", b"1")])
+                    return
+        await self.app(scope, receive, send)
+
+
+async def _send_json(send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]]) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

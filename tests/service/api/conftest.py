@@ -52,9 +52,12 @@ class StandInBroker:
         self.submitted: list[tuple[str, list[dict], int]] = []
         self.full: set[str] = set()
 
+    def refusal(self, task: str) -> str | None:
+        return f"the {task} queue is full (stand-in)" if task in self.full else None
+
     async def admit(self, task: str) -> None:
         if task in self.full:
-            raise QueueFull(f"the {task} queue is full (stand-in)")
+            raise QueueFull(self.refusal(task) or "")
 
     async def submit(self, task: str, payloads: Sequence[dict], deadline_ms: int) -> list[Reply]:
         self.submitted.append((task, list(payloads), deadline_ms))

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import io
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from PIL import Image
 
 from service.api import health, inference, models
 from service.api.state import AppState
+from service.app import build_app
 from service.errors import BadInput
 from tests.service.api.conftest import CONFIG
 from tests.service.payloads import image_bytes, npy_bytes
@@ -61,6 +63,17 @@ def test_refusals_that_need_no_body_come_before_it_is_read(http: TestClient, sta
     unacceptable = http.post("/v1/decode", content=b"not json", headers={"Accept": "text/html"})
     assert unacceptable.status_code == 406
     assert state.broker.submitted == []
+
+
+def test_a_full_queue_is_refused_before_routing_but_never_before_the_key(state: AppState) -> None:
+    keyed = AppState.for_model(replace(state.settings, api_key="k" * 20), state.config)
+    keyed.broker = state.broker
+    state.broker.full.add("decode")
+    http = TestClient(build_app(keyed))
+    assert http.post("/v1/decode", json={}).status_code == 401  # no key: no word about the queue
+    refused = http.post("/v1/decode", json={}, headers={"Authorization": "Bearer " + "k" * 20})
+    assert refused.status_code == 429 and "queue is full" in refused.json()["detail"]
+    assert refused.headers["Retry-After"] == "1" and refused.headers["content-length"]
 
 
 def test_generate_payloads_carry_their_cost(http: TestClient, state: AppState) -> None:
