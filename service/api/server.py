@@ -1,5 +1,6 @@
-"""The HTTP connection's own guards: each request's headers must arrive within HEADER_TIMEOUT_S,
-and a body the app answered without reading must finish within BODY_TIMEOUT_S.
+"""The HTTP connection's own guards: each request's headers must arrive within HEADER_TIMEOUT_S
+and hold at most MAX_HEADER_BYTES, and a body the app answered without reading must finish within
+BODY_TIMEOUT_S.
 
 uvicorn closes a keep-alive connection that sits idle between requests, but nothing else: a client
 that opens a connection and sends nothing, or sends its headers a byte at a time, holds that
@@ -7,7 +8,9 @@ connection (and a file descriptor) for as long as it likes, and enough of them s
 (slowloris). The ASGI app cannot help, since it only sees a request once its headers are complete,
 so the clock runs in the protocol: from the connection's first moment, or a request's first byte on
 a kept-alive connection, to the end of its headers. A late client gets a 408 and the connection
-closes.
+closes. Nor does uvicorn's httptools parser bound the headers' size (a 10 MB header was served, a
+100 MB one grew the process by as much), so the protocol counts the bytes that arrive before the
+headers end and answers 431 past MAX_HEADER_BYTES.
 
 When the app answers before reading the body (a 401, a 429 decided up front), uvicorn keeps the
 connection and reads the rest of the body past; closing at once instead would make the kernel reset
@@ -38,14 +41,18 @@ BODY_TIMEOUT_STATE = "pae.body_timeout_s"
 """Keys of HEADER_TIMEOUT_S and BODY_TIMEOUT_S in the lifespan state (`service.app.lifespan`)."""
 
 DEFAULT_TIMEOUT_S = 10.0
+MAX_HEADER_BYTES = 64 * 1024
+"""Request line plus headers; a browser sends a few kilobytes."""
+
+_END_OF_HEADERS = b"\r\n\r\n"
 
 
-def _timeout_response(timeout_s: float) -> bytes:
-    body = json.dumps(
-        {"detail": f"the request headers did not arrive within {timeout_s:g} s (HEADER_TIMEOUT_S)"}
-    ).encode()
+def _answer(status: bytes, detail: str) -> bytes:
+    body = json.dumps({"detail": detail}).encode()
     return (
-        b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+        b"HTTP/1.1 "
+        + status
+        + b"\r\ncontent-type: application/json\r\n"
         + f"content-length: {len(body)}\r\n".encode()
         + b"connection: close\r\n\r\n"
         + body
@@ -60,6 +67,8 @@ class GuardedProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._header_timer: asyncio.TimerHandle | None = None
         self._drain_timer: asyncio.TimerHandle | None = None
+        self._header_bytes = 0
+        self._header_tail = b""
 
     def _timeout_s(self, key: str) -> float:
         return float(self.app_state.get(key, DEFAULT_TIMEOUT_S))
@@ -72,8 +81,22 @@ class GuardedProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._arm_headers()
 
+    def data_received(self, data: bytes) -> None:
+        if self._header_timer is not None:  # a request has begun (or may) and its headers have not ended
+            allowed = MAX_HEADER_BYTES - self._header_bytes
+            if len(data) > allowed and _END_OF_HEADERS not in self._header_tail + data[: max(allowed, 0)]:
+                self._refuse(
+                    b"431 Request Header Fields Too Large",
+                    f"the request line and headers exceed {MAX_HEADER_BYTES} bytes",
+                )
+                return
+            self._header_bytes += len(data)
+            self._header_tail = data[-3:]
+        super().data_received(data)
+
     def on_headers_complete(self) -> None:
         self._header_timer = self._cancel(self._header_timer)
+        self._header_bytes, self._header_tail = 0, b""
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -109,11 +132,20 @@ class GuardedProtocol(HttpToolsProtocol):
             return
         metrics.SLOW_CLIENTS.labels("headers").inc()
         if self.cycle is None or self.cycle.response_complete:
-            self.transport.write(_timeout_response(self._timeout_s(HEADER_TIMEOUT_STATE)))
-            self.transport.close()
+            timeout_s = self._timeout_s(HEADER_TIMEOUT_STATE)
+            self._refuse(
+                b"408 Request Timeout",
+                f"the request headers did not arrive within {timeout_s:g} s (HEADER_TIMEOUT_S)",
+            )
         else:
             # A pipelined request stalled behind one still running: close once that one is answered.
             self.cycle.keep_alive = False
+
+    def _refuse(self, status: bytes, detail: str) -> None:
+        """Answer before the app has seen the request, and close."""
+        self._header_timer = self._cancel(self._header_timer)
+        self.transport.write(_answer(status, detail))
+        self.transport.close()
 
     def _body_late(self) -> None:
         """The answer went out long ago; the client is still not done sending the body."""
