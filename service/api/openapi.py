@@ -103,10 +103,13 @@ def service_description(state: AppState) -> str:
         f"{'×'.join(map(str, config.latent_shape))} float32 latents. Uploaded images are EXIF-rotated, "
         "alpha-composited over black, converted to RGB, resized (bicubic, antialiased) so the short side "
         f'is {size} and centre-cropped. Errors are JSON `{{"detail": ...}}`: 400 malformed body, 401 '
-        "missing/wrong API key, 406 Accept cannot hold the result, 413 body or image too large, 415 "
-        "unsupported content type, 422 invalid content, 429 queue full (Retry-After), 503 backend "
-        "unavailable, 504 deadline passed. Send `X-Request-Timeout` (seconds) to shorten the "
-        f"deadline (at most {settings.request_timeout_s:g} s)."
+        "missing/wrong API key, 404 unknown model, 406 Accept allows no format of the answer, 408 request "
+        "sent too slowly, 413 body or image too large, 415 unsupported content type, 422 invalid content "
+        f"or a cost over {settings.max_request_cost} (MAX_REQUEST_COST; one unit is one network "
+        "evaluation of one image), 429 queue full (Retry-After), 431 request line and headers over "
+        "64 KiB, 500 internal error, 503 backend unavailable, 504 deadline passed. Send "
+        "`X-Request-Timeout` (seconds) to shorten the deadline (at most "
+        f"{settings.request_timeout_s:g} s)."
     )
 
 
