@@ -33,7 +33,8 @@ from redis.exceptions import RedisError
 
 from model.sampling import SamplerConfig
 from service import metrics
-from service.broker import BrokerWorker, Job, Keys, Reply, ensure_groups, make_pool, now_ms
+from service.broker import Job, Keys, Reply, ensure_groups, make_pool, now_ms
+from service.broker_worker import BrokerWorker
 from service.cancellation import Abandoned, BatchWatch, PrunedGeneration
 from service.codecs import to_uint8
 from service.runtimes.base import Runtime

@@ -11,7 +11,8 @@ import pytest
 from redis.asyncio import Redis
 
 from model.sampling import SamplerConfig
-from service.broker import GROUP, BrokerClient, BrokerWorker, Job, Keys, now_ms
+from service.broker import GROUP, BrokerClient, Job, Keys, now_ms
+from service.broker_worker import BrokerWorker
 from service.codecs import to_uint8
 from service.errors import DeadlineExceeded, JobFailed, QueueFull
 from service.runtimes.onnxruntime import OnnxRuntime
