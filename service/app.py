@@ -66,8 +66,12 @@ def build_app(state: AppState) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
     routes = [route for router in ROUTERS for route in router.routes]
+    settings = state.settings
     app.add_middleware(
-        RequestBody, max_bytes=state.settings.max_body_bytes, idle_timeout_s=state.settings.body_timeout_s
+        RequestBody,
+        max_bytes=settings.max_body_bytes,
+        idle_timeout_s=settings.body_timeout_s,
+        total_timeout_s=settings.request_timeout_s,
     )
     app.add_middleware(EarlyRefusal, routes=routes)
     # The middleware added last is outermost: the metrics see every answer, the body limit's 413 too.

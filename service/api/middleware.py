@@ -91,16 +91,19 @@ class RequestMetrics:
 
 class RequestBody:
     """The request body's limits: MAX_BODY_BYTES (by Content-Length before reading, or counted as a
-    chunked upload arrives), and BODY_TIMEOUT_S of silence between two chunks (a 408: a client
-    that stalls mid-upload must not hold the connection for the whole request deadline). Both
-    answers close the connection: the rest of such a body is not worth reading. A body the app
-    answers without reading is the connection protocol's to time (`service.api.server`).
+    chunked upload arrives); BODY_TIMEOUT_S of silence between two chunks (a 408: a client that
+    stalls mid-upload must not hold the connection for the whole request deadline); and
+    REQUEST_TIMEOUT_S for the whole body (a 408: a client trickling a byte now and then must not
+    hold it for ever). These answers close the connection: the rest of such a body is not worth
+    reading. A body the app answers without reading is the connection protocol's to time
+    (`service.api.server`).
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, idle_timeout_s: float) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, idle_timeout_s: float, total_timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.idle_timeout_s = idle_timeout_s
+        self.total_timeout_s = total_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -117,16 +120,22 @@ class RequestBody:
         # A request with neither Content-Length nor Transfer-Encoding has no body (RFC 9112 §6.3).
         state = {"complete": declared in (None, b"0") and b"transfer-encoding" not in headers, "seen": 0}
 
+        total_end = time.monotonic() + self.total_timeout_s
+
         async def guarded_receive() -> Message:
             if state["complete"]:
                 return await receive()
+            left = total_end - time.monotonic()
             try:
-                message = await asyncio.wait_for(receive(), idle)
+                message = await asyncio.wait_for(receive(), max(min(idle, left), 0))
             except asyncio.TimeoutError:
                 metrics.SLOW_CLIENTS.labels("body").inc()
-                raise RequestTimeout(
-                    f"the request body stalled: no data for {idle:g} s (BODY_TIMEOUT_S)"
-                ) from None
+                why = (
+                    f"no data for {idle:g} s (BODY_TIMEOUT_S)"
+                    if idle < left
+                    else f"not complete after {self.total_timeout_s:g} s (REQUEST_TIMEOUT_S)"
+                )
+                raise RequestTimeout(f"the request body stalled: {why}") from None
             if message["type"] == "http.request":
                 state["seen"] += len(message.get("body", b""))
                 if state["seen"] > limit:

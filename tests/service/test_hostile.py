@@ -10,6 +10,7 @@ send slowly, and schema-valid requests that could only produce garbage.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import socket
@@ -286,6 +287,30 @@ def test_oversized_headers_are_431_and_never_buffered(http: httpx.Client, server
         sock.sendall(b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * 50_000_000)  # cut off, not stored
     fits = http.get("/healthz", headers={"X-Fits": "a" * (MAX_HEADER_BYTES // 2)})
     assert fits.status_code == 200
+
+
+def test_a_body_trickled_for_longer_than_the_request_timeout_is_408(tiny_repository: Path) -> None:
+    with EmbeddedRedis() as store:
+        settings = make_settings(tiny_repository, store.url, body_timeout_s=1.0, request_timeout_s=1.5)
+        with LiveServer(settings) as server, socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.settimeout(10)
+            start = time.perf_counter()
+            sock.sendall(
+                b"POST /v1/decode HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 1000\r\n\r\n{"
+            )
+            answer = b""
+            for _ in range(20):  # a byte every 0.3 s: never idle for BODY_TIMEOUT_S
+                time.sleep(0.3)
+                try:
+                    sock.sendall(b" ")
+                except OSError:
+                    break
+            with contextlib.suppress(OSError):
+                while chunk := sock.recv(65536):
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 408") and b"REQUEST_TIMEOUT_S" in answer
+            assert time.perf_counter() - start < 4.0
 
 
 def test_a_slow_but_steady_large_upload_is_not_cut(http: httpx.Client, server: LiveServer) -> None:
