@@ -54,6 +54,7 @@ from benchmarks.fault_ledger import (
 from benchmarks.machine import RESULTS, mark_quotable
 from benchmarks.topology import Topology, machine_info, metric_sum, resolve_model
 from benchmarks.traffic import TASKS, Call, ModelShape, Requests, Sample, closed_loop, drive
+from export.repository import resolve_version_dir
 from service.broker import Keys
 from service.launcher import stop_process
 
@@ -278,7 +279,7 @@ def run_campaign(
     log: Callable[[str], None] = print,
 ) -> dict[str, object]:
     """All three phases on one topology; returns the per-phase accounting."""
-    version = str(max(int(p.name) for p in (repository / model).iterdir() if p.name.isdigit()))
+    version = resolve_version_dir(repository, model).name
     requests = Requests(ModelShape.load(repository, model), verify=repository / model / version)
     keys = Keys.for_model(model, version)
     with Topology(repository, model, api_replicas=2, workers=2, env=dict(FAULT_ENV)) as topo:

@@ -22,6 +22,7 @@ import httpx
 import redis
 
 from benchmarks.machine import describe
+from export.repository import list_versions
 from service.launcher import Proc, free_port, start_api, start_worker, stop_processes
 from service.redis_server import RedisServer, find_redis_server
 
@@ -50,8 +51,9 @@ def resolve_model(repository: Path | None, scratch: Path) -> tuple[Path, str, st
             raise SystemExit(f"{repository} holds no model folder")
         return repository, names[0], f"{names[0]} from {repository}"
     default = ROOT / "model_repository" / DEFAULT_MODEL
-    if default.is_dir() and any(p.name.isdigit() for p in default.iterdir()):
-        latest = max(int(p.name) for p in default.iterdir() if p.name.isdigit())
+    versions = list_versions(default)
+    if versions:
+        latest = versions[-1]
         return default.parent, DEFAULT_MODEL, f"{DEFAULT_MODEL} v{latest} (model_repository)"
     subprocess.run(
         [sys.executable, "-m", "export.tiny_repository", str(scratch)],

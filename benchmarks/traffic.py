@@ -11,7 +11,6 @@ import asyncio
 import base64
 import functools
 import io
-import json
 import ssl
 import threading
 import time
@@ -23,6 +22,8 @@ from typing import TypeVar
 import httpx
 import numpy as np
 from PIL import Image
+
+from export.repository import ModelConfig, resolve_version_dir
 
 TASKS = ("encode", "decode", "generate")
 GENERATE_STEPS = 4
@@ -38,9 +39,8 @@ class ModelShape:
 
     @classmethod
     def load(cls, repository: Path, model: str) -> ModelShape:
-        version = max(int(p.name) for p in (repository / model).iterdir() if p.name.isdigit())
-        config = json.loads((repository / model / str(version) / "config.json").read_text())
-        return cls(config["image_size"], tuple(config["latent_shape"]), tuple(config["class_names"]))
+        config = ModelConfig.load(resolve_version_dir(repository, model))
+        return cls(config.image_size, config.latent_shape, config.class_names)
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,13 @@ serves trained ones. The weights and inputs are seeded, so every build exports t
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from export.manifest import MANIFEST_FORMAT, MANIFEST_NAME, hash_tree
+from export import repository
 
 IMAGE_SIZE = 16
 LATENT_SHAPE = (4, 4, 4)
@@ -87,9 +86,8 @@ def _export(module: nn.Module, args: tuple, names: list[str], path: Path) -> Non
 
 
 def write_manifest(version_dir: Path) -> None:
-    """The manifest the service verifies: every file's sha256 (rewritten after a test edits a file)."""
-    manifest = {"format": MANIFEST_FORMAT, "files": hash_tree(version_dir)}
-    (version_dir / MANIFEST_NAME).write_text(json.dumps(manifest))
+    """(Re)seal a hand-made version: the manifest lists every file with its hash, as export writes it."""
+    repository.write_manifest(version_dir, {"name": version_dir.parent.name})
 
 
 def tiny_modules() -> tuple[TinyEncoder, TinyDecoder, TinyDiT]:
@@ -134,7 +132,7 @@ def build_tiny_repository(root: Path, name: str = "tiny", version: str = "1") ->
             "cfg_interval": [0.0, 1.0],
         },
     }
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    repository.write_json(out / repository.CONFIG_NAME, config)
     write_manifest(out)
     return out
 

@@ -1,4 +1,4 @@
-"""LightningDiT: the class-conditional velocity network that generates PAE latents (PAE_SPEC §3).
+"""LightningDiT: the class-conditional velocity network that generates PAE latents (used unmodified by PAE).
 
 Pre-norm transformer blocks with RMSNorm, adaLN-Zero conditioning, SwiGLU MLPs, 2-D rotary plus
 absolute sin-cos positions. Time follows SiT (t = 0 noise, t = 1 data) and the network predicts the
@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from model.pos_embed import sincos_2d
+from model.validation import fraction, positive_ints, positive_numbers
 
 _SIZES: dict[str, tuple[int, int, int, int]] = {
     # name: (depth, hidden, heads, patch)
@@ -53,10 +54,7 @@ class DiTConfig:
     use_abs_pos: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("in_channels", "grid", "patch_size", "hidden", "depth", "heads", "num_classes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"DiTConfig.{name} must be a positive int, got {value!r}")
+        positive_ints(self, "in_channels", "grid", "patch_size", "hidden", "depth", "heads", "num_classes")
         if self.hidden % self.heads:
             raise ValueError(f"DiTConfig.hidden ({self.hidden}) must be divisible by heads ({self.heads})")
         if self.use_rope and self.head_dim % 4:
@@ -65,10 +63,8 @@ class DiTConfig:
             )
         if self.use_abs_pos and self.hidden % 4:
             raise ValueError(f"2-D sin-cos positions need hidden divisible by 4, got {self.hidden}")
-        if not self.mlp_ratio > 0:
-            raise ValueError(f"DiTConfig.mlp_ratio must be > 0, got {self.mlp_ratio}")
-        if not 0.0 <= self.class_dropout < 1.0:
-            raise ValueError(f"DiTConfig.class_dropout must be in [0, 1), got {self.class_dropout}")
+        positive_numbers(self, "mlp_ratio")
+        fraction(self, "class_dropout")
 
     @property
     def head_dim(self) -> int:

@@ -89,6 +89,7 @@ def serve_main(argv: Sequence[str] | None = None) -> None:
 
     import uvicorn
 
+    from service.api.server import PROTOCOL
     from service.embedded import WorkerThread
     from service.launcher import LaunchError
     from service.redis_server import RedisServer
@@ -112,6 +113,7 @@ def serve_main(argv: Sequence[str] | None = None) -> None:
         uvicorn.run(
             "service.app:create_app",
             factory=True,
+            http=PROTOCOL,
             host=args.host,
             port=args.port,
             workers=args.workers,
@@ -145,8 +147,8 @@ def worker_main(argv: Sequence[str] | None = None) -> None:
 
     from prometheus_client import start_http_server
 
+    from export.repository import resolve_version_dir
     from service import metrics
-    from service.repository import resolve_version_dir
     from service.runtimes import load_runtime
     from service.worker import Worker
 

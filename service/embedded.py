@@ -12,8 +12,8 @@ import asyncio
 import logging
 import threading
 
+from export.repository import resolve_version_dir
 from service.launcher import LaunchError
-from service.repository import resolve_version_dir
 from service.runtimes import load_runtime
 from service.settings import Settings
 from service.worker import Worker

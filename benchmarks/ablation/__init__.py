@@ -5,7 +5,7 @@
 For each arm — `baseline` (SSR, MCR and SCR weights 0: reconstruction, LPIPS and GAN only, the same
 architecture), `ssr`, `mcr`, `scr` (that term alone at the preset's weight) and `pae` (all three) —
 the harness drives the training pipeline (`training.stages.pipeline.run_stage`) with the same
-budgets and seeds: tokenizer → latents → LightningDiT → eval. Only the loss weights differ between
+budgets and seeds: tokenizer → latents → generator → evaluate. Only the loss weights differ between
 arms (`--set tokenizer.<term>_weight=0`), so every difference in the numbers comes from them.
 
 What is shared, because it does not depend on the arm: the frozen VFM's feature cache (`--cache`,
@@ -14,7 +14,7 @@ the pipeline's default, so a finished `make train` already holds it), the refine
 (the preset's committed one where the run uses the preset's data: `shipped_classifier`), and the
 reference statistics of the real images for the Fréchet distance.
 
-Generation FD follows the eval stage's protocol exactly — `gen_samples` class-balanced samples, image
+Generation FD follows the evaluate stage's protocol exactly — `gen_samples` class-balanced samples, image
 i from seed `gen_seed + i`, the preset's sampler, EfficientNet-Lite2 features against the first
 `reference_samples` images of the evaluation split — so the curve's last point, `gen.fd` and
 `few_step[<preset steps>]` are one and the same measurement. The report also holds the real-data

@@ -13,7 +13,9 @@ from typing import Any
 from benchmarks.ablation.budgets import curve_stops
 from benchmarks.ablation.fd_probe import FDProbe, ema_dit_at_resume
 from benchmarks.ablation.plan import AblationError, Plan, needs_refine, say
-from training.checkpoint import CheckpointError, read_json, resume_step, update_json, write_json
+from model import checkpoint
+from model.checkpoint import CheckpointError, read_json, update_json, write_json
+from training.checkpoint import resume_step
 from training.stages import assets
 from training.stages.context import METRICS_FILE, StageContext
 from training.stages.pipeline import run_stage
@@ -36,7 +38,7 @@ def share_refine(plan: Plan, seed: int, directory: Path) -> bool:
     run_stage(refine_ctx, "refine")
     record = read_json(source / "config.json")["stages"]["refine"]
     directory.mkdir(parents=True, exist_ok=True)
-    _copy_if_changed(source / assets.REFINE_FILE, directory / assets.REFINE_FILE)
+    _copy_if_changed(source / checkpoint.REFINE_FILE, directory / checkpoint.REFINE_FILE)
     config = directory / "config.json"
     current = read_json(config).get("stages", {}).get("refine") if config.is_file() else None
     if current != record:
@@ -87,21 +89,21 @@ def run_arm(plan: Plan, seed: int, arm: str, probe_for: Any) -> dict[str, Any]:
     for stage in ("tokenizer", "latents"):
         run_timed(plan.context(directory, arm, stage, seed), stage)
 
-    dit_ctx = plan.context(directory, arm, "dit", seed)
-    total = dit_ctx.preset.dit_train.steps
+    dit_ctx = plan.context(directory, arm, "generator", seed)
+    total = dit_ctx.recipe.generator.steps
     probe: FDProbe = probe_for(dit_ctx)
     for stop in curve_stops(total, plan.budget.curve_points):
         if str(stop) in state["curve"]:
             continue
-        if dit_ctx.is_done("dit") or (resume_step(directory, "dit") or 0) > stop:
+        if dit_ctx.is_done("generator") or (resume_step(directory, "generator") or 0) > stop:
             raise AblationError(
                 f"{directory}: the DiT is already past step {stop} but its FD there was not measured; "
                 "use a new --out"
             )
         t0 = time.perf_counter()
-        run_stage(plan.context(directory, arm, "dit", seed, stop_at=stop), "dit")
-        timed("dit", t0)
-        if resume_step(directory, "dit") != stop:
+        run_stage(plan.context(directory, arm, "generator", seed, stop_at=stop), "generator")
+        timed("generator", t0)
+        if resume_step(directory, "generator") != stop:
             raise CheckpointError(f"{directory}: the DiT did not pause at step {stop}")
         t0 = time.perf_counter()
         pae = assets.load_pae(dit_ctx, ema=True)
@@ -109,18 +111,18 @@ def run_arm(plan: Plan, seed: int, arm: str, probe_for: Any) -> dict[str, Any]:
         state["curve"][str(stop)] = probe(ema_dit_at_resume(dit_ctx), pae, dit_ctx.preset.sampler, mean, std)
         say(f"seed {seed} {arm}: DiT step {stop}: FD {state['curve'][str(stop)]:.4g}")
         timed("curve_fd", t0)
-    run_timed(dit_ctx, "dit")
+    run_timed(dit_ctx, "generator")
 
-    eval_ctx = plan.context(directory, arm, "eval", seed)
+    eval_ctx = plan.context(directory, arm, "evaluate", seed)
     if plan.classifier.is_file():
-        _copy_if_changed(plan.classifier, directory / assets.CLASSIFIER_FILE)
-    run_timed(eval_ctx, "eval")
-    if not plan.classifier.is_file() and (directory / assets.CLASSIFIER_FILE).is_file():
-        shutil.copyfile(directory / assets.CLASSIFIER_FILE, plan.classifier)
+        _copy_if_changed(plan.classifier, directory / checkpoint.CLASSIFIER_FILE)
+    run_timed(eval_ctx, "evaluate")
+    if not plan.classifier.is_file() and (directory / checkpoint.CLASSIFIER_FILE).is_file():
+        shutil.copyfile(directory / checkpoint.CLASSIFIER_FILE, plan.classifier)
     metrics = read_json(directory / METRICS_FILE)
     gen = metrics["gen"]
     if gen["num_samples"] != probe.num_samples or gen["seed"] != probe.seed:
-        raise CheckpointError(f"{directory}: eval's generation protocol differs from the harness's")
+        raise CheckpointError(f"{directory}: evaluate's generation protocol differs from the harness's")
     state["curve"][str(total)] = gen["fd"]
 
     sampler = eval_ctx.preset.sampler
@@ -130,7 +132,7 @@ def run_arm(plan: Plan, seed: int, arm: str, probe_for: Any) -> dict[str, Any]:
         if str(steps) in state["few_step"]:
             continue
         if steps == sampler.steps:
-            state["few_step"][str(steps)] = gen["fd"]  # the eval stage's own measurement
+            state["few_step"][str(steps)] = gen["fd"]  # the evaluate stage's own measurement
             save()
             continue
         t0 = time.perf_counter()

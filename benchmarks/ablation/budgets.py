@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from model.presets import Preset
+from training.recipes import Recipe
 
 ARMS: dict[str, dict[str, str]] = {
     "baseline": {"tokenizer.ssr_weight": "0", "tokenizer.mcr_weight": "0", "tokenizer.scr_weight": "0"},
@@ -105,13 +105,13 @@ BUDGETS: dict[str, Budget] = {
             ("refine.batch_size", "8"),
             ("refine.depth", "1"),
             ("tokenizer.batch_size", "2"),
-            ("dit.batch_size", "4"),
-            ("dit_arch.depth", "1"),
-            ("eval.num_recon", "8"),
-            ("eval.batch_size", "8"),
-            ("eval.ssc_samples", "6"),
-            ("eval.lpc_samples", "2"),
-            ("eval.classifier_steps", "3"),
+            ("generator.batch_size", "4"),
+            ("dit.depth", "1"),
+            ("evaluate.num_recon", "8"),
+            ("evaluate.batch_size", "8"),
+            ("evaluate.ssc_samples", "6"),
+            ("evaluate.lpc_samples", "2"),
+            ("evaluate.classifier_steps", "3"),
         ),
         writes_results=False,
     ),
@@ -126,11 +126,12 @@ def _scaled(value: int, ratio: float) -> int:
     return round(value * ratio)
 
 
-def budget_sets(budget: Budget, preset: Preset) -> dict[str, str]:
+def budget_sets(budget: Budget, recipe: Recipe) -> dict[str, str]:
     """The `--set` overrides every arm of `budget` shares (before the arm's own loss weights)."""
-    tok, dit = preset.tokenizer_train, preset.dit_train
+    tok, dit = recipe.tokenizer, recipe.generator
     t_steps = _steps(budget.tokenizer_steps, budget.tokenizer_scale, tok.steps)
     r = t_steps / tok.steps
+    r_steps = _steps(budget.refine_steps, budget.refine_scale, recipe.refine.steps)
     d_steps = _steps(budget.dit_steps, budget.dit_scale, dit.steps)
     if budget.curve_points < 1:
         raise ValueError(f"budget {budget.name!r}: curve_points must be >= 1, got {budget.curve_points}")
@@ -141,16 +142,20 @@ def budget_sets(budget: Budget, preset: Preset) -> dict[str, str]:
         "tokenizer.disc_start_step": str(_scaled(tok.disc_start_step, r)),
         "tokenizer.log_every": str(min(tok.log_every, t_steps)),
         "tokenizer.ckpt_every": str(min(tok.ckpt_every, t_steps)),
-        "tokenizer.refine_steps": str(_steps(budget.refine_steps, budget.refine_scale, tok.refine_steps)),
-        "dit.steps": str(d_steps),
-        "dit.warmup_steps": str(_scaled(dit.warmup_steps, d_steps / dit.steps)),
-        "dit.log_every": str(min(dit.log_every, d_steps)),
+        "refine.steps": str(r_steps),
+        # Refine warms up like the scaled tokenizer, for at most a tenth of its steps.
+        "refine.warmup_steps": str(min(_scaled(tok.warmup_steps, r), r_steps // 10)),
+        "refine.log_every": str(min(recipe.refine.log_every, r_steps)),
+        "refine.ckpt_every": str(min(recipe.refine.ckpt_every, r_steps)),
+        "generator.steps": str(d_steps),
+        "generator.warmup_steps": str(_scaled(dit.warmup_steps, d_steps / dit.steps)),
+        "generator.log_every": str(min(dit.log_every, d_steps)),
         # The DiT checkpoints (and pauses for an FD point) every curve interval.
-        "dit.ckpt_every": str(max(1, d_steps // budget.curve_points)),
-        "dit.sample_every": str(d_steps),
-        "eval.gen_num_samples": str(budget.gen_samples),
-        "eval.fd_samples": str(budget.reference_samples),
-        "eval.fd_network": FD_NETWORK,
+        "generator.ckpt_every": str(max(1, d_steps // budget.curve_points)),
+        "generator.sample_every": str(d_steps),
+        "evaluate.gen_num_samples": str(budget.gen_samples),
+        "evaluate.fd_samples": str(budget.reference_samples),
+        "evaluate.fd_network": FD_NETWORK,
     }
     if budget.train_per_class is not None:
         sets["data.train_per_class"] = str(budget.train_per_class)
@@ -160,6 +165,6 @@ def budget_sets(budget: Budget, preset: Preset) -> dict[str, str]:
 
 def curve_stops(total: int, points: int) -> list[int]:
     """The DiT steps before the end where FD is measured: k·total // points for k = 1 … points − 1.
-    The last of the `points` is the end itself (the eval stage's measurement), so no point lands a
+    The last of the `points` is the end itself (the evaluate stage's measurement), so no point lands a
     step before it, as `range(total // points, total, total // points)` would when points ∤ total."""
     return sorted({k * total // points for k in range(1, points)} - {0})

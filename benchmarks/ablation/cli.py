@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         for arm in arms:
-            plan.context(plan.arm_dir(seeds[0], arm), arm, "dit", seeds[0])
+            plan.context(plan.arm_dir(seeds[0], arm), arm, "generator", seeds[0])
         report = run(plan, torch.get_num_threads())
     except (ValueError, AblationError) as exc:
         raise SystemExit(f"ablation: {exc}") from None

@@ -1,4 +1,4 @@
-"""Generation FD at the eval stage's protocol, for any DiT weights and sampler, and the real-data floor
+"""Generation FD at the evaluate stage's protocol, for any DiT weights and sampler, and the real-data floor
 it is read against."""
 
 from __future__ import annotations
@@ -8,10 +8,11 @@ from typing import Any
 
 import torch
 
+from model.checkpoint import CheckpointError, load_tensors, read_metadata, save_tensors
 from model.lightningdit import LightningDiT
 from model.pae import PAE
 from model.sampling import SamplerConfig
-from training.checkpoint import CheckpointError, load_tensors, read_metadata, resume_dir, save_tensors
+from training.checkpoint import resume_dir
 from training.data import LabeledImages
 from training.metrics.frechet import EfficientNetLite2Features, GaussianStats, frechet_distance_from_stats
 from training.stages import assets
@@ -20,7 +21,7 @@ from training.stages.grid import generate
 
 
 class FDProbe:
-    """Generation FD exactly as the eval stage measures `gen.fd`, for any DiT weights and sampler.
+    """Generation FD exactly as the evaluate stage measures `gen.fd`, for any DiT weights and sampler.
 
     `num_samples` class-balanced labels (i mod C), image i from seed `seed + i`, decoded by the EMA
     tokenizer, EfficientNet-Lite2 features against the fixed real reference statistics.
@@ -31,9 +32,9 @@ class FDProbe:
     ) -> None:
         self.network = network
         self.reference = reference
-        self.num_samples = ctx.eval.gen_num_samples
-        self.seed = ctx.eval.gen_seed
-        self.batch_size = ctx.eval.batch_size
+        self.num_samples = ctx.recipe.evaluate.gen_num_samples
+        self.seed = ctx.recipe.evaluate.gen_seed
+        self.batch_size = ctx.recipe.evaluate.batch_size
 
     @torch.no_grad()
     def __call__(
@@ -67,7 +68,7 @@ def _real_features(
     meta = {
         "dataset": ctx.preset.dataset,
         "data_root": str(ctx.data_root),
-        "split": ctx.eval.split,
+        "split": ctx.recipe.evaluate.split,
         "start": str(start),
         "count": str(count),
         "network": network.name,
@@ -79,28 +80,28 @@ def _real_features(
     if feats is None:
         device = next(network.parameters()).device
         rows = []
-        for first in range(start, start + count, ctx.eval.batch_size):
-            idx = range(first, min(first + ctx.eval.batch_size, start + count))
+        for first in range(start, start + count, ctx.recipe.evaluate.batch_size):
+            idx = range(first, min(first + ctx.recipe.evaluate.batch_size, start + count))
             x = torch.stack([data[i][0] for i in idx]).to(device)
             rows.append(network.features(x).cpu())
         feats = torch.cat(rows)
         save_tensors(cache_file, {"features": feats}, meta)
     stats = GaussianStats(network.dim)
-    for first in range(0, feats.shape[0], ctx.eval.batch_size):
-        stats.update(feats[first : first + ctx.eval.batch_size])
+    for first in range(0, feats.shape[0], ctx.recipe.evaluate.batch_size):
+        stats.update(feats[first : first + ctx.recipe.evaluate.batch_size])
     return stats
 
 
 def reference_count(ctx: StageContext, available: int) -> int:
-    """How many of the `available` evaluation images form the real reference set (the eval stage's
+    """How many of the `available` evaluation images form the real reference set (the evaluate stage's
     `fd_samples`)."""
-    count = available if ctx.eval.num_recon == 0 else min(ctx.eval.num_recon, available)
-    return count if ctx.eval.fd_samples == 0 else min(ctx.eval.fd_samples, count)
+    count = available if ctx.recipe.evaluate.num_recon == 0 else min(ctx.recipe.evaluate.num_recon, available)
+    return count if ctx.recipe.evaluate.fd_samples == 0 else min(ctx.recipe.evaluate.fd_samples, count)
 
 
 def reference_stats(ctx: StageContext, network: EfficientNetLite2Features, cache_file: Path) -> GaussianStats:
-    """The eval stage's real set: the first `reference_count` evaluation images."""
-    data = assets.dataset(ctx, ctx.eval.split)
+    """The evaluate stage's real set: the first `reference_count` evaluation images."""
+    data = assets.dataset(ctx, ctx.recipe.evaluate.split)
     return _real_features(ctx, data, network, 0, reference_count(ctx, len(data)), cache_file)
 
 
@@ -112,12 +113,12 @@ def real_floor(probe: FDProbe, ctx: StageContext, directory: Path) -> dict[str, 
     arm's FD over it is the part a better latent can remove. The images are the evaluation split's
     next `num_samples` after the reference set (disjoint from it); None where the split is too small.
     """
-    data = assets.dataset(ctx, ctx.eval.split)
+    data = assets.dataset(ctx, ctx.recipe.evaluate.split)
     start, count = reference_count(ctx, len(data)), probe.num_samples
-    images = f"{ctx.eval.split}[{start}:{start + count}]"
+    images = f"{ctx.recipe.evaluate.split}[{start}:{start + count}]"
     if start + count > len(data):
         return {"fd": None, "images": images, "note": "the evaluation split has too few images"}
-    cache = directory / f"floor_{ctx.eval.split}_{start}_{count}.safetensors"
+    cache = directory / f"floor_{ctx.recipe.evaluate.split}_{start}_{count}.safetensors"
     stats = _real_features(ctx, data, probe.network, start, count, cache)
     fd = float(frechet_distance_from_stats(stats, probe.reference, probe.network.name)["fd"])
     return {"fd": fd, "images": images}
@@ -125,7 +126,7 @@ def real_floor(probe: FDProbe, ctx: StageContext, directory: Path) -> dict[str, 
 
 def ema_dit_at_resume(ctx: StageContext) -> LightningDiT:
     """The DiT's EMA weights as saved in its resume state (the point where `stop_at` paused it)."""
-    path = resume_dir(ctx.out, "dit") / "state.safetensors"
+    path = resume_dir(ctx.out, "generator") / "state.safetensors"
     prefix = "ema.dit."
     shadow = {k[len(prefix) :]: v for k, v in load_tensors(path).items() if k.startswith(prefix)}
     dit = LightningDiT(ctx.preset.dit)

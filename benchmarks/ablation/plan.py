@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.ablation.budgets import ARMS, Budget, budget_sets
-from model.presets import get_preset
+from model import checkpoint
 from training.distributed import DistEnv
-from training.stages import assets
+from training.recipes import get_recipe
 from training.stages.context import StageContext, resolve_context
 
 CHECKPOINTS_DIR = Path(__file__).resolve().parents[2] / "checkpoints"
@@ -23,7 +23,7 @@ class AblationError(RuntimeError):
 
 def needs_refine(ctx: StageContext) -> bool:
     """The tokenizer reads the refined targets only through SSR and SCR."""
-    tok = ctx.preset.tokenizer_train
+    tok = ctx.recipe.tokenizer
     return tok.ssr_weight > 0 or tok.scr_weight > 0
 
 
@@ -45,7 +45,7 @@ class Plan:
     def sets(self, arm: str) -> dict[str, str]:
         """Budget overrides, then the caller's `--set`, then the arm's zeroed loss weights: a
         `--set tokenizer.ssr_weight=…` changes SSR's weight in the arms that train with SSR only."""
-        return {**budget_sets(self.budget, get_preset(self.preset)), **self.extra_sets, **ARMS[arm]}
+        return {**budget_sets(self.budget, get_recipe(self.preset)), **self.extra_sets, **ARMS[arm]}
 
     def runs(self) -> list[tuple[int, str]]:
         """(seed, arm) pairs in the order they train: every arm at the first seed, then the rest."""
@@ -60,7 +60,7 @@ class Plan:
     @property
     def classifier(self) -> Path:
         """The conditional-accuracy classifier every arm is judged by (copied into each arm)."""
-        return self.out / assets.CLASSIFIER_FILE
+        return self.out / checkpoint.CLASSIFIER_FILE
 
     def context(
         self, directory: Path, arm: str, stage: str, seed: int, stop_at: int | None = None
@@ -89,17 +89,17 @@ class Plan:
 
 
 def shipped_classifier(plan: Plan) -> Path | None:
-    """The preset's committed conditional-accuracy judge, when this run's eval would train the same
-    one: the preset's own data and classifier settings. The eval stage trains it from a fixed seed on
+    """The preset's committed conditional-accuracy judge, when this run's evaluate stage would train the same
+    one: the preset's own data and classifier settings. The evaluate stage trains it from a fixed seed on
     the training split (~150 s on 2 cores), and the one it trained for the quick run at 2 threads is
     byte-identical to the committed file, so reusing it saves that time and makes `cond_acc` the
-    default model's judge. None for another dataset, data root or `data.*` / `eval.classifier_*` set."""
+    default model's judge. None for another dataset, data root or `data.*` / `evaluate.classifier_*` set."""
     if plan.dataset or plan.budget.dataset or plan.data_root:
         return None
     keys = [*dict(plan.budget.sets), *plan.extra_sets]
-    if any(k.startswith(("data.", "eval.classifier_")) for k in keys):
+    if any(k.startswith(("data.", "evaluate.classifier_")) for k in keys):
         return None
-    path = CHECKPOINTS_DIR / plan.preset / assets.CLASSIFIER_FILE
+    path = CHECKPOINTS_DIR / plan.preset / checkpoint.CLASSIFIER_FILE
     return path if path.is_file() else None
 
 

@@ -16,10 +16,10 @@ from benchmarks.ablation.claims import evaluate_claims
 from benchmarks.ablation.fd_probe import FDProbe, real_floor, reference_stats
 from benchmarks.ablation.plan import CHECKPOINTS_DIR, Plan, say, shipped_classifier
 from benchmarks.machine import describe, mark_quotable
+from model.checkpoint import to_jsonable
 from training.distributed import DistEnv
 from training.metrics.frechet import EfficientNetLite2Features
 from training.stages.context import StageContext
-from training.stages.overrides import to_jsonable
 
 # Load slows the run down but changes none of its numbers (seeded, deterministic training and FD).
 WALL_TIMES = "its wall times (wall_s, arms_wall_s); the FDs and metrics do not depend on load"
@@ -34,9 +34,7 @@ def machine(env: DistEnv, threads: int) -> dict[str, Any]:
 
 
 def _loss_weights(plan: Plan, arm: str) -> dict[str, float]:
-    tok = plan.context(
-        plan.arm_dir(plan.seeds[0], arm), arm, "tokenizer", plan.seeds[0]
-    ).preset.tokenizer_train
+    tok = plan.context(plan.arm_dir(plan.seeds[0], arm), arm, "tokenizer", plan.seeds[0]).recipe.tokenizer
     return {"ssr": tok.ssr_weight, "mcr": tok.mcr_weight, "scr": tok.scr_weight}
 
 
@@ -51,7 +49,8 @@ def run(plan: Plan, threads: int) -> dict[str, Any]:
         """One probe for the whole run (built on first use): every arm is measured identically."""
         if not probes:
             network = EfficientNetLite2Features().to(plan.env.device)
-            cache = plan.out / f"reference_{ctx.eval.split}_{ctx.eval.fd_samples}.safetensors"
+            evaluation = ctx.recipe.evaluate
+            cache = plan.out / f"reference_{evaluation.split}_{evaluation.fd_samples}.safetensors"
             probes.append(FDProbe(network, reference_stats(ctx, network, cache), ctx))
         return probes[0]
 
@@ -63,27 +62,30 @@ def run(plan: Plan, threads: int) -> dict[str, Any]:
         say(f"seed {seed}, arm {arm}: training and measuring in {plan.arm_dir(seed, arm)}")
         per_seed.setdefault(arm, {})[seed] = run_arm(plan, seed, arm, probe_for)
 
-    sample_ctx = plan.context(plan.arm_dir(plan.seeds[0], plan.arms[0]), plan.arms[0], "eval", plan.seeds[0])
+    sample_ctx = plan.context(
+        plan.arm_dir(plan.seeds[0], plan.arms[0]), plan.arms[0], "evaluate", plan.seeds[0]
+    )
     floor = real_floor(probe_for(sample_ctx), sample_ctx, plan.out)
     say(f"real-data floor ({floor['images']}): FD {floor['fd']}")
     arms, few = combine(per_seed)
-    p = sample_ctx.preset
+    p, recipe = sample_ctx.preset, sample_ctx.recipe
+    dit_steps = recipe.generator.steps
     report["budget"] = {
         "name": plan.budget.name,
         "preset": plan.preset,
         "dataset": p.dataset,
-        "train_per_class": p.train_per_class,
-        "refine_steps": p.tokenizer_train.refine_steps,
-        "tokenizer_steps": p.tokenizer_train.steps,
-        "dit_steps": p.dit_train.steps,
-        "curve_steps": [*curve_stops(p.dit_train.steps, plan.budget.curve_points), p.dit_train.steps],
+        "train_per_class": recipe.data.train_per_class,
+        "refine_steps": recipe.refine.steps,
+        "tokenizer_steps": recipe.tokenizer.steps,
+        "dit_steps": dit_steps,
+        "curve_steps": [*curve_stops(dit_steps, plan.budget.curve_points), dit_steps],
         "seeds": {arm: sorted(per_seed[arm]) for arm in per_seed},
         "loss_weights": {arm: _loss_weights(plan, arm) for arm in plan.arms},
         "fd": {
             "network": FD_NETWORK,
-            "num_samples": sample_ctx.eval.gen_num_samples,
-            "seed": sample_ctx.eval.gen_seed,
-            "reference": {"split": sample_ctx.eval.split, "num_samples": sample_ctx.eval.fd_samples},
+            "num_samples": recipe.evaluate.gen_num_samples,
+            "seed": recipe.evaluate.gen_seed,
+            "reference": {"split": recipe.evaluate.split, "num_samples": recipe.evaluate.fd_samples},
             "sampler": to_jsonable(p.sampler),
             "few_step_sampler": "the same, with only `steps` changed",
             "real_floor": floor,
@@ -91,11 +93,11 @@ def run(plan: Plan, threads: int) -> dict[str, Any]:
         "extra_sets": plan.extra_sets,
         "classifier": str(shipped.relative_to(CHECKPOINTS_DIR.parent))
         if shipped is not None and plan.classifier.read_bytes() == shipped.read_bytes()
-        else "trained by the first arm's eval stage",
+        else "trained by the first arm's evaluate stage",
     }
     report["arms"] = arms
     report["few_step"] = few
-    report["claims"] = evaluate_claims(arms, few, p.dit_train.steps, floor["fd"])
+    report["claims"] = evaluate_claims(arms, few, dit_steps, floor["fd"])
     report["machine"]["load_average_end"] = list(os.getloadavg())
     # `wall_s` is this invocation only (a resumed run skips what is done); `arms_wall_s` is what
     # training and measuring every arm cost, summed over all the invocations that built them.

@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 import redis
 
+from export.repository import RepositoryError, resolve_version_dir
 from service.broker import Keys
 from service.embedded import WorkerThread
 from service.redis_server import RedisServer
-from service.repository import RepositoryError, resolve_version_dir
 from service.settings import Settings, SettingsError
 from tests.service.conftest import LiveServer, client, make_settings
 from tests.service.payloads import image_bytes, latent_json
@@ -59,7 +59,7 @@ def valid_call(path: str, method: str) -> dict:
     if path == "/v1/encode":
         return {"content": image_bytes(16, 16), "headers": {"Content-Type": "image/png"}}
     if path == "/v1/decode":
-        return {"json": latent_json(np.zeros((4, 4, 4), np.float32))}
+        return {"json": latent_json(np.ones((4, 4, 4), np.float32))}
     if path == "/v1/generate":
         return {"json": {"class_label": 0, "steps": 1}}
     return {}
