@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 
-.PHONY: help venv system-deps run test lint format train export stack stack-check stack-down clean
+.PHONY: help venv system-deps run test lint format train export stack stack-check stack-down image-test image-constraints clean
 
 help:
 	@echo "make run    - serve the default model (embedded Redis + worker) on $(HOST):$(PORT)"
@@ -14,6 +14,7 @@ help:
 	@echo "make train  - retrain checkpoints/fmnist32-tiny end to end on CPU"
 	@echo "make export - export the default checkpoints to model_repository/"
 	@echo "make stack  - local production topology (redis, 2 APIs, 2 workers, Prometheus)"
+	@echo "make image-test - build the container image with podman and check it running (root; installs podman)"
 
 # Debian packages: the Fashion-MNIST data and a real redis-server. Skipped quietly when not root.
 system-deps:
@@ -69,6 +70,17 @@ stack-check: venv
 
 stack-down:
 	$(BIN)/python deploy/stack.py down
+
+# The container image, built with podman/buildah on a debootstrap base and checked running: embedded
+# Redis, api + worker + Redis, compose.yaml under podman-compose. Root (it apt-get installs podman);
+# IMAGE_TEST_ARGS=--cold builds with no cached layer. Writes benchmarks/results/image_test.json.
+IMAGE_TEST_ARGS ?=
+image-test: venv
+	$(BIN)/python deploy/image-test/image_test.py $(IMAGE_TEST_ARGS)
+
+# Pins the image's packages to this venv's versions (the image then answers what `make run` answers).
+image-constraints: venv
+	$(BIN)/python deploy/docker/requirements.py lock
 
 clean:
 	rm -rf $(VENV) model_repository runs .pytest_cache

@@ -3,7 +3,7 @@
     .venv/bin/python -m benchmarks.faults [--kill-seconds 120] [--kill-every 5] [--concurrency 16]
 
 Three phases, each under mixed encode / decode / generate traffic whose every answer is checked
-against its own request (benchmarks/service_harness.py), each a bounded loop that stops by itself:
+against its own request (benchmarks/traffic.py), each a bounded loop that stops by itself:
 
 1. `worker_sigkill`: 2 API replicas and 2 workers; every `--kill-every` seconds the longest-lived
    worker is SIGKILLed (mid-batch, whatever it holds) and a new one started, for `--kill-seconds`.
@@ -20,13 +20,12 @@ view, per task stream: `entries-added` (jobs enqueued) must equal the outcomes t
 enqueue, give or take the requests whose enqueue was in doubt (a connection cut mid-request, or a
 503 answered while Redis shut down: its last enqueues can land with their replies unsent); the
 dead-letter streams must hold exactly the dead-lettered jobs, and no job may be left queued or
-pending. Writes `benchmarks/results/faults.json`.
+pending (benchmarks/fault_ledger.py). Writes `benchmarks/results/faults.json`.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import signal
@@ -35,30 +34,30 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import redis
 
-from benchmarks.service_harness import (
-    RESULTS,
-    TASKS,
-    Call,
-    ModelShape,
-    Requests,
-    Sample,
-    Topology,
-    closed_loop,
-    drive,
-    machine_info,
-    metric_sum,
-    resolve_model,
+from benchmarks.fault_ledger import (
+    REQUEST_TIMEOUT_S,
+    Ledger,
+    account,
+    classify,
+    drain,
+    duplicates,
+    jobs_held,
+    outcomes,
+    wait_until_holding,
 )
-from service.broker import GROUP, Keys
+from benchmarks.machine import RESULTS, mark_quotable
+from benchmarks.topology import Topology, machine_info, metric_sum, resolve_model
+from benchmarks.traffic import TASKS, Call, ModelShape, Requests, Sample, closed_loop, drive
+from export.repository import resolve_version_dir
+from service.broker import Keys
+from service.launcher import stop_process
 
-REQUEST_TIMEOUT_S = 30
-DEADLINE_SLACK_S = 3.0
 IN_DOUBT_S = 1.0
 FAULT_ENV = {
     "REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S),
@@ -66,35 +65,6 @@ FAULT_ENV = {
     "MAX_DELIVERIES": "3",
     "REDIS_POOL_TIMEOUT_S": "2",
 }
-
-
-def classify(sample: Sample) -> str:
-    """The outcome of one request, from what its client saw."""
-    text = sample.error.lower()
-    if sample.status == 200:
-        return "wrong_answer" if sample.error else "completed"
-    if sample.status == 0:
-        return "refused" if "connecterror" in text else "connection_lost"
-    if sample.status == 429:
-        return "rejected_queue_full"
-    if sample.status == 503:
-        return "shutdown_after_enqueue" if "shutting down" in text else "rejected_unavailable"
-    if sample.status == 504:
-        return "expired"
-    if sample.status == 500 and "delivered" in text and "times" in text:
-        return "dead_lettered"
-    return "unexplained"
-
-
-ENQUEUED_OUTCOMES = ("completed", "wrong_answer", "expired", "dead_lettered", "shutdown_after_enqueue")
-
-
-def outcomes(samples: Sequence[Sample]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for s in samples:
-        kind = classify(s)
-        counts[kind] = counts.get(kind, 0) + 1
-    return counts
 
 
 class Traffic:
@@ -141,101 +111,6 @@ class Traffic:
         self.finish()
 
 
-@dataclass
-class Ledger:
-    """Redis's own counts for one model version: jobs ever enqueued, dead-lettered, still held."""
-
-    enqueued: dict[str, int] = field(default_factory=dict)
-    dead: dict[str, int] = field(default_factory=dict)
-    queued: dict[str, int] = field(default_factory=dict)
-    pending: dict[str, int] = field(default_factory=dict)
-
-    @classmethod
-    def read(cls, client: redis.Redis, keys: Keys) -> Ledger:
-        def added(key: str) -> int:
-            try:
-                return int(client.xinfo_stream(key)["entries-added"])
-            except redis.ResponseError:
-                return 0  # no such stream yet
-
-        ledger = cls()
-        for task in TASKS:
-            ledger.enqueued[task] = added(keys.jobs(task))
-            ledger.dead[task] = added(keys.dead(task))
-            ledger.queued[task] = int(client.xlen(keys.jobs(task)))
-            with contextlib.suppress(redis.ResponseError):
-                ledger.pending[task] = int(client.xpending(keys.jobs(task), GROUP)["pending"])
-        return ledger
-
-    def minus(self, before: Ledger) -> dict[str, dict[str, int]]:
-        return {
-            "enqueued": {t: self.enqueued[t] - before.enqueued[t] for t in TASKS},
-            "dead_lettered": {t: self.dead[t] - before.dead[t] for t in TASKS},
-            "left_queued": dict(self.queued),
-            "left_pending": dict(self.pending),
-        }
-
-
-def drain(client: redis.Redis, keys: Keys, timeout_s: float = 90.0) -> float:
-    """Wait until no job is queued or pending (reclaims need CLAIM_IDLE_MS); return the seconds taken."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
-        with contextlib.suppress(redis.RedisError):
-            ledger = Ledger.read(client, keys)
-            if not any(ledger.queued.values()) and not any(ledger.pending.values()):
-                return round(time.monotonic() - start, 1)
-        time.sleep(0.25)
-    return round(time.monotonic() - start, 1)
-
-
-def account(
-    samples: Sequence[Sample], before: Ledger, after: Ledger, in_doubt: Sequence[Sample] = ()
-) -> dict[str, object]:
-    """Both views of one phase and the checks that tie them together.
-
-    A job may be in Redis although its caller saw no enqueue: the connection broke after the
-    request was sent (`connection_lost`), or Redis ran an enqueue and shut down before its reply
-    went out, so the API answered 503 (`in_doubt`: 503s sent around the shutdown). Such a job still
-    runs once Redis is back and its reply is discarded; it is counted as `queued_but_told_503`,
-    and only those requests may explain a surplus of enqueued jobs.
-    """
-    client = outcomes(samples)
-    server = after.minus(before)
-    enqueued = sum(server["enqueued"].values())
-    known = sum(client.get(k, 0) for k in ENQUEUED_OUTCOMES)
-    ambiguous = client.get("connection_lost", 0) + len(in_doubt)
-    dead_client = client.get("dead_lettered", 0)
-    dead_server = sum(server["dead_lettered"].values())
-    latencies = [s.latency_ms for s in samples]
-    checks = {
-        "every_enqueued_job_has_an_outcome": known <= enqueued <= known + ambiguous,
-        "dead_letter_stream_matches_client_errors": dead_client == dead_server,
-        "nothing_left_queued_or_pending": not any(server["left_queued"].values())
-        and not any(server["left_pending"].values()),
-        "no_answer_to_the_wrong_caller": client.get("wrong_answer", 0) == 0,
-        "no_unexplained_outcome": client.get("unexplained", 0) == 0,
-        "no_wait_past_the_deadline": max(latencies, default=0)
-        <= (REQUEST_TIMEOUT_S + DEADLINE_SLACK_S) * 1000,
-    }
-    return {
-        "requests": len(samples),
-        "client_outcomes": client,
-        "redis": server,
-        "jobs_enqueued": enqueued,
-        "jobs_with_known_outcome": known,
-        "queued_but_told_503": max(enqueued - known, 0) if in_doubt else 0,
-        "requests_in_doubt": ambiguous,
-        "max_latency_ms": round(max(latencies, default=0), 1),
-        "examples": {
-            kind: next(s.error[:200] for s in samples if classify(s) == kind)
-            for kind in client
-            if kind != "completed"
-        },
-        "checks": checks,
-        "ok": all(checks.values()),
-    }
-
-
 def generate_call(url: str) -> Sample:
     """One blocking generate request, as a Sample (for probes outside the closed-loop traffic)."""
     asked, start = time.time(), time.perf_counter()
@@ -249,36 +124,6 @@ def generate_call(url: str) -> Sample:
     return Sample(response.status_code, latency, None, None, error, asked, "generate")
 
 
-def jobs_held(client: redis.Redis, keys: Keys, pid: int) -> int:
-    """Jobs delivered to the worker with this PID and not yet acknowledged (its pending entries)."""
-    held = 0
-    marker = f"-{pid}-"
-    for task in TASKS:
-        with contextlib.suppress(redis.ResponseError):
-            for consumer in client.xinfo_consumers(keys.jobs(task), GROUP):
-                if marker in consumer["name"].decode():
-                    held += int(consumer["pending"])
-    return held
-
-
-def wait_until_holding(client: redis.Redis, keys: Keys, pid: int, timeout_s: float) -> None:
-    """Return once the worker holds unacknowledged jobs (a batch in flight), or after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and jobs_held(client, keys, pid) == 0:
-        time.sleep(0.003)
-
-
-def duplicates(client: redis.Redis, keys: Keys) -> dict[str, int]:
-    """Replies written more than once for a job (a reclaimed job whose first worker had answered
-    just before dying); each caller still got one answer, as the dispatcher keeps the first."""
-    entries = unique = 0
-    for key in client.scan_iter(f"{keys.prefix}:reply:*"):
-        ids = [fields[b"id"] for _eid, fields in client.xrange(key)]
-        entries += len(ids)
-        unique += len(set(ids))
-    return {"reply_entries": entries, "jobs_replied": unique, "written_twice": entries - unique}
-
-
 @dataclass
 class Campaign:
     topo: Topology
@@ -288,7 +133,7 @@ class Campaign:
     log: Callable[[str], None] = print
 
     def client(self) -> redis.Redis:
-        return self.topo.redis.client()
+        return self.topo.redis_client()
 
     def phase(self, name: str, limit_s: float, fault: Callable[[Traffic], dict]) -> dict[str, object]:
         store = self.client()
@@ -316,11 +161,10 @@ class Campaign:
                 victim = min(born, key=born.get)
                 proc = self.topo.worker_procs[victim]
                 if proc is not None and proc.alive():
-                    wait_until_holding(store, self.keys, proc.pid, timeout_s=2.0)
-                    os.kill(proc.pid, signal.SIGKILL)
-                    proc.popen.wait()
+                    wait_until_holding(store, self.keys, proc.program_pid, timeout_s=2.0)
+                    stop_process(proc, signal.SIGKILL)
                     kills += 1
-                    held += jobs_held(store, self.keys, proc.pid)
+                    held += jobs_held(store, self.keys, proc.program_pid)
                 self.topo.start_worker(victim)
                 born[victim] = time.monotonic()
                 time.sleep(max(0.0, min(every, end - time.monotonic())))
@@ -409,7 +253,7 @@ class Campaign:
             time.sleep(3.0)
             old = self.topo.apis[0]
             stopped_at = time.monotonic()
-            self.topo.stop_proc(old, signal.SIGTERM)
+            stop_process(old, signal.SIGTERM, grace_s=20.0)
             stop_s = time.monotonic() - stopped_at
             self.topo.start_api(0, port=old.port)
             self.topo.wait_ready(120)
@@ -419,7 +263,7 @@ class Campaign:
             return {
                 "graceful_stop_s": round(stop_s, 2),
                 "replica_back_after_s": round(back_s, 2),
-                "exit_code": old.popen.returncode,
+                "exit_code": old.returncode,
             }
 
         return self.phase("api_restart", 180, fault)
@@ -435,7 +279,7 @@ def run_campaign(
     log: Callable[[str], None] = print,
 ) -> dict[str, object]:
     """All three phases on one topology; returns the per-phase accounting."""
-    version = str(max(int(p.name) for p in (repository / model).iterdir() if p.name.isdigit()))
+    version = resolve_version_dir(repository, model).name
     requests = Requests(ModelShape.load(repository, model), verify=repository / model / version)
     keys = Keys.for_model(model, version)
     with Topology(repository, model, api_replicas=2, workers=2, env=dict(FAULT_ENV)) as topo:
@@ -478,6 +322,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "wall_s": round(time.time() - started, 1),
             "load_average_end": [round(v, 2) for v in os.getloadavg()],
         }
+    result = mark_quotable(result, affects="its timings (the outcome accounting does not depend on load)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({"ok": result["ok"]}))

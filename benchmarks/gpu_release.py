@@ -53,9 +53,8 @@ def random_checkpoint(work: Path, preset_name: str) -> Path:
     """Random-weight checkpoint directory of `preset_name` with a random DINOv2-L folder."""
     import torch
     import transformers
-    from safetensors.torch import save_file
 
-    from export.checkpoint import torch_config
+    from model.checkpoint import write_checkpoint
     from model.lightningdit import LightningDiT
     from model.pae import PAE
     from model.presets import get_preset
@@ -68,18 +67,12 @@ def random_checkpoint(work: Path, preset_name: str) -> Path:
     transformers.Dinov2WithRegistersModel(config).save_pretrained(str(vfm_dir))
     vfm = dataclasses.replace(preset.pae.vfm, path=str(vfm_dir))
     preset = dataclasses.replace(preset, pae=dataclasses.replace(preset.pae, vfm=vfm))
-    out = work / "checkpoint"
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(PAE(preset.pae).trainable_state_dict(), str(out / "pae.safetensors"))
     dit = LightningDiT(preset.dit)
     with torch.no_grad():  # adaLN-Zero would make every block the identity; give them work to do
         for block in dit.blocks:
             block.adaLN[-1].weight.normal_(0, 0.02)
-    save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, str(out / "dit_ema.safetensors"))
     d = preset.pae.latent_dim
-    save_file({"mean": torch.zeros(d), "std": torch.ones(d)}, str(out / "latent_stats.safetensors"))
-    (out / "config.json").write_text(json.dumps(torch_config(preset), indent=2))
-    return out
+    return write_checkpoint(work / "checkpoint", preset, PAE(preset.pae), dit, torch.zeros(d), torch.ones(d))
 
 
 def images_per_s(fn: Callable[[], object], batch: int, clock: Clock, min_reps: int = 2) -> dict[str, float]:

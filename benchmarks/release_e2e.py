@@ -15,7 +15,6 @@ a kept --work resumes after its last finished phase.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import shutil
@@ -126,11 +125,11 @@ def _peak_rss_mib(pid: int) -> int:
 
 def serve(work: Path, repository: Path, timeout_s: float = 1800.0) -> dict[str, Any]:
     """Start pae-serve (embedded Redis and worker) on the export; one generate and one encode/decode."""
-    from service.embedded import free_port
+    from PIL import Image
 
-    port = free_port()
+    from service.launcher import free_port, start_api, stop_process, wait_until_ready
+
     env = {
-        **os.environ,
         "MODEL_REPOSITORY": str(repository),
         "MODEL_NAME": NAME,
         "REQUEST_TIMEOUT_S": str(timeout_s),
@@ -139,25 +138,12 @@ def serve(work: Path, repository: Path, timeout_s: float = 1800.0) -> dict[str, 
         "MAX_BATCH_SIZE_GENERATE": "1",
         "WORKER_METRICS_PORT": "0",
     }
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     start = time.perf_counter()
-    log = open(work / "serve.log", "w")  # noqa: SIM115 (held open for the server's lifetime)
-    server = subprocess.Popen(
-        [_bin("pae-serve"), "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env
-    )
+    server = start_api("release", port, log=work / "serve.log", env=env, lifetime_s=3 * timeout_s)
     try:
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"pae-serve exited {server.returncode}; see {work / 'serve.log'}")
-            try:
-                with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.perf_counter() - start > timeout_s:
-                raise TimeoutError(f"pae-serve not ready after {timeout_s:.0f} s")
-            time.sleep(2)
+        wait_until_ready([server], timeout_s)
         ready_s = time.perf_counter() - start
         png, generate_s = _post(
             f"{url}/v1/generate", json.dumps(GENERATE).encode(), "application/json", "image/png", timeout_s
@@ -166,21 +152,19 @@ def serve(work: Path, repository: Path, timeout_s: float = 1800.0) -> dict[str, 
         latents, encode_s = _post(f"{url}/v1/encode", png, "image/png", "application/x-npy", timeout_s)
         decoded, decode_s = _post(f"{url}/v1/decode", latents, "application/x-npy", "image/png", timeout_s)
         (work / "decoded.png").write_bytes(decoded)
-        rss = _peak_rss_mib(server.pid)
+        rss = _peak_rss_mib(server.program_pid)
     finally:
-        server.terminate()
-        server.wait(timeout=120)
-        log.close()
-    from PIL import Image
-
-    size = Image.open(work / "generated.png").size
+        stop_process(server, grace_s=120)
     return {
         "load_and_warm_up_s": round(ready_s, 1),
-        "generate": {"request": GENERATE, "wall_s": round(generate_s, 1), "png_size": list(size)},
+        "generate": {
+            "request": GENERATE,
+            "wall_s": round(generate_s, 1),
+            "png_size": list(Image.open(work / "generated.png").size),
+        },
         "encode_s": round(encode_s, 1),
         "decode_s": round(decode_s, 1),
         "server_peak_rss_mib": rss,
-        "generated_png_base64_bytes": len(base64.b64encode(png)),
     }
 
 

@@ -3,7 +3,7 @@
     .venv/bin/python -m benchmarks.service_load [--duration 8] [--concurrency 1,4,16,32,64]
         [--api-replicas 2] [--workers 1] [--memory-requests 10000]
 
-Two topologies run side by side (benchmarks/service_harness.py: redis-server, `pae-serve` API
+Two topologies run side by side (benchmarks/topology.py: redis-server, `pae-serve` API
 replicas, `pae-worker` workers, all on 127.0.0.1): one with the default batching, one with every
 `MAX_BATCH_SIZE_<TASK>=1`. Each (endpoint, concurrency) point alternates between them in
 `--rounds` slices, so background load on a shared machine hits both modes alike; an idle topology
@@ -18,7 +18,7 @@ the worker's `pae_compute_seconds` for that batch). With `--memory-requests N` a
 mixed requests after a warm-up and reports the RSS growth of every API and worker process.
 
 The model is `model_repository/fmnist32-tiny/<latest>` when exported, otherwise the tiny
-random-weight repository the service tests build (the JSON's `model` says which). Writes
+random-weight repository of export/tiny_repository.py (the JSON's `model` says which). Writes
 `benchmarks/results/service_load.json` and `service_load.png`.
 """
 
@@ -37,22 +37,17 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.service_harness import (
-    RESULTS,
+from benchmarks.machine import RESULTS, mark_quotable
+from benchmarks.topology import Topology, cpu_seconds, machine_info, metric_sum, resolve_model, rss_mb
+from benchmarks.traffic import (
     TASKS,
     Call,
     ModelShape,
     Requests,
     Sample,
-    Topology,
     closed_loop,
-    cpu_seconds,
     drive,
-    machine_info,
-    metric_sum,
     percentile,
-    resolve_model,
-    rss_mb,
     summarise,
 )
 
@@ -249,7 +244,7 @@ def plot(result: dict, path: Path) -> None:
     machine = result["machine"]
     fig.suptitle(
         f"{result['model']} — {machine['logical_cores']} cores, load average at start "
-        f"{machine['load_average_start'][0]}",
+        f"{machine['load_average_start'][0]}" + ("" if result.get("quotable") else " — NOT QUOTABLE"),
         fontsize=9,
     )
     fig.tight_layout()
@@ -281,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"--endpoints must name {', '.join(TASKS)}")
 
     with tempfile.TemporaryDirectory(prefix="pae-bench-repo-") as scratch:
-        result = run(args, Path(scratch))
+        result = mark_quotable(run(args, Path(scratch)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.out.with_suffix(".png"))

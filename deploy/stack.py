@@ -7,21 +7,18 @@
 
 Why plain processes: no Docker engine runs on the development machines, yet the deployment's moving
 parts (shared Redis, several API replicas, several workers, a real Prometheus with the shipped scrape
-config and alert rules) should be exercised together. Every process runs under coreutils `timeout`,
-so a stack nobody stops still ends after `--lifetime` seconds; PIDs, logs and the rendered Prometheus
-config live in the run directory (default runs/stack).
+config and alert rules) should be exercised together. The processes are started, probed and stopped
+by service/launcher.py, as `pae-serve` and the benchmarks start theirs; each runs under coreutils
+`timeout`, so a stack nobody stops still ends after `--lifetime` seconds. PIDs, logs and the rendered
+Prometheus config live in the run directory (default runs/stack).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,10 +26,25 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
+
+from service.launcher import (
+    LOOPBACK,
+    LaunchError,
+    Proc,
+    find_binary,
+    http_get,
+    port_is_free,
+    start_api,
+    start_process,
+    start_worker,
+    stop_processes,
+    wait_until_ready,
+)
+from service.redis_server import RedisServer, find_redis_server
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
@@ -42,7 +54,7 @@ ENDPOINTS = ("encode", "decode", "generate", "models", "healthz", "readyz")
 PATHS = {"models": "/v1/models", "healthz": "/healthz", "readyz": "/readyz"}
 
 
-class StackError(RuntimeError):
+class StackError(LaunchError):
     """The stack cannot start or answer; the message says what to fix."""
 
 
@@ -60,24 +72,10 @@ class StackConfig:
     ready_timeout_s: float = 180.0
     model_repository: Path = REPO / "model_repository"
     model_name: str = "fmnist32-tiny"
-    bin_dir: Path = Path(sys.executable).parent
 
     @property
     def redis_url(self) -> str:
         return f"redis://127.0.0.1:{self.redis_port}/0"
-
-
-@dataclass
-class Proc:
-    """One started process: enough to find, probe and stop it later from another invocation."""
-
-    name: str
-    pid: int
-    argv: list[str]
-    log: str
-    started: int
-    probe: str = ""
-    env: dict[str, str] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- Prometheus configuration
@@ -112,7 +110,7 @@ def render_prometheus_config(shipped: dict, cfg: StackConfig, rules_path: Path =
 
 def check_prometheus_config(path: Path) -> None:
     """Run promtool on a rendered config (and its rules) so a bad file fails before anything starts."""
-    promtool = require_binary("promtool", "Debian package `prometheus`")
+    promtool = find_binary("promtool", "Debian package `prometheus`")
     result = subprocess.run(
         [promtool, "check", "config", str(path)], capture_output=True, text=True, timeout=60
     )
@@ -120,122 +118,7 @@ def check_prometheus_config(path: Path) -> None:
         raise StackError(f"promtool rejected {path}:\n{result.stdout}{result.stderr}")
 
 
-# ---------------------------------------------------------------- processes
-
-
-def require_binary(name: str, source: str, search: Path | None = None) -> str:
-    """Absolute path of an executable, from `search` first, then PATH; a clear error otherwise."""
-    if search is not None and (search / name).is_file():
-        return str(search / name)
-    found = shutil.which(name)
-    if found is None:
-        raise StackError(f"`{name}` not found on PATH; install it from {source}")
-    return found
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def start_process(
-    name: str, argv: Sequence[str], run_dir: Path, lifetime_s: int, env: dict[str, str], probe: str = ""
-) -> Proc:
-    """Start `argv` in its own session under `timeout`, output to <run_dir>/logs/<name>.log.
-
-    Its own session makes the recorded PID a process-group id, so `down` stops the process and
-    anything it spawned without touching other processes on the machine.
-    """
-    logs = run_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    log_path = logs / f"{name}.log"
-    full = ["timeout", "--signal=TERM", "--kill-after=10", str(lifetime_s), *argv]
-    with open(log_path, "ab") as log:
-        popen = subprocess.Popen(
-            full,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **env},
-            cwd=run_dir,
-            start_new_session=True,
-        )
-    stat = _proc_stat(popen.pid)
-    if stat is None:
-        raise StackError(f"{name} exited at once; see {log_path}")
-    return Proc(
-        name=name, pid=popen.pid, argv=list(argv), log=str(log_path), started=stat[1], probe=probe, env=env
-    )
-
-
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time in clock ticks since boot) of a PID, or None when there is no such process."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
-    except OSError:
-        return None
-    return fields[0], int(fields[19])
-
-
-def is_alive(proc: Proc) -> bool:
-    """True while the recorded PID is still the process we started (start time guards PID reuse)."""
-    stat = _proc_stat(proc.pid)
-    return stat is not None and stat[0] != "Z" and stat[1] == proc.started
-
-
-def stop_processes(procs: Sequence[Proc], grace_s: float = 15.0) -> list[str]:
-    """SIGTERM each live process group, then SIGKILL whatever outlives the grace period."""
-    live = [p for p in procs if is_alive(p)]
-    for proc in live:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(is_alive(p) for p in live):
-        reap(live)
-        time.sleep(0.2)
-    for proc in live:
-        if is_alive(proc):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-    reap(live)
-    return [p.name for p in live]
-
-
-def reap(procs: Sequence[Proc]) -> None:
-    """Collect those of `procs` that are exited children of this interpreter (no zombies left).
-
-    Only the stack's own PIDs: waiting on any child would steal exit codes from other subprocesses.
-    """
-    for proc in procs:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(proc.pid, os.WNOHANG)
-
-
-def log_tail(proc: Proc, lines: int = 25) -> str:
-    try:
-        text = Path(proc.log).read_text(errors="replace").splitlines()
-    except OSError:
-        return "(no log)"
-    return "\n".join(text[-lines:])
-
-
 # ---------------------------------------------------------------- HTTP
-
-
-def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    """Status and body; connection failures come back as status 0 so pollers can keep polling."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-    except (urllib.error.URLError, OSError):
-        return 0, b""
 
 
 def http_post_json(url: str, body: dict, timeout: float = 60.0) -> dict:
@@ -250,25 +133,6 @@ def http_post_json(url: str, body: dict, timeout: float = 60.0) -> dict:
         raise StackError(f"POST {url} answered {exc.code}: {exc.read()[:300]!r}") from None
     except (urllib.error.URLError, OSError) as exc:
         raise StackError(f"POST {url} failed: {exc}") from None
-
-
-def wait_until_ready(procs: Sequence[Proc], timeout_s: float) -> None:
-    """Poll each process's probe URL until it answers 200; fail with its log if it dies or times out."""
-    pending = [p for p in procs if p.probe]
-    deadline = time.monotonic() + timeout_s
-    while pending:
-        for proc in list(pending):
-            if not is_alive(proc):
-                raise StackError(f"{proc.name} exited during start-up; last log lines:\n{log_tail(proc)}")
-            if http_get(proc.probe, timeout=2.0)[0] == 200:
-                pending.remove(proc)
-        if not pending:
-            return
-        if time.monotonic() > deadline:
-            names = ", ".join(f"{p.name} ({p.probe})" for p in pending)
-            tails = "\n".join(f"--- {p.name}\n{log_tail(p)}" for p in pending)
-            raise StackError(f"not ready after {timeout_s:.0f} s: {names}\n{tails}")
-        time.sleep(0.5)
 
 
 def prometheus_query(port: int, query: str) -> list[dict]:
@@ -305,13 +169,13 @@ def load_state(run_dir: Path) -> list[Proc]:
     path = run_dir / STATE_FILE
     if not path.is_file():
         return []
-    return [Proc(**entry) for entry in json.loads(path.read_text())["processes"]]
+    return [Proc.from_json(entry) for entry in json.loads(path.read_text())["processes"]]
 
 
 def save_state(run_dir: Path, cfg: StackConfig, procs: Sequence[Proc]) -> None:
     state = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
-        "processes": [asdict(p) for p in procs],
+        "processes": [p.to_json() for p in procs],
     }
     (run_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
 
@@ -323,22 +187,20 @@ def preflight(cfg: StackConfig) -> dict[str, str]:
         raise StackError(f"ports must be distinct, got {ports}")
     busy = [p for p in ports if not port_is_free(p)]
     if busy:
-        raise StackError(f"ports already in use on 127.0.0.1: {busy}; pick others (see --help)")
+        raise StackError(f"ports already in use on {LOOPBACK}: {busy}; pick others (see --help)")
     model_dir = cfg.model_repository / cfg.model_name
     if not model_dir.is_dir():
         raise StackError(f"no model repository at {model_dir}; run `make export` first")
     return {
-        "redis-server": require_binary("redis-server", "Debian package `redis-server`"),
-        "prometheus": require_binary("prometheus", "Debian package `prometheus`"),
-        "pae-serve": require_binary("pae-serve", "`make venv` (the service package)", cfg.bin_dir),
-        "pae-worker": require_binary("pae-worker", "`make venv` (the service package)", cfg.bin_dir),
+        "redis-server": find_redis_server(),
+        "prometheus": find_binary("prometheus", "Debian package `prometheus`"),
     }
 
 
 def up(cfg: StackConfig) -> list[Proc]:
     """Start the whole stack and return once every process answers and Prometheus scrapes them all."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    if any(is_alive(p) for p in load_state(cfg.run_dir)):
+    if any(p.alive() for p in load_state(cfg.run_dir)):
         raise StackError(f"a stack is already running from {cfg.run_dir}; run `down` first")
     binaries = preflight(cfg)
     prom_config = cfg.run_dir / "prometheus.yml"
@@ -346,65 +208,35 @@ def up(cfg: StackConfig) -> list[Proc]:
     prom_config.write_text(yaml.safe_dump(render_prometheus_config(shipped, cfg), sort_keys=False))
     check_prometheus_config(prom_config)
 
+    logs = cfg.run_dir / "logs"
     service_env = {
         "REDIS_URL": cfg.redis_url,
         "MODEL_REPOSITORY": str(cfg.model_repository),
         "MODEL_NAME": cfg.model_name,
         "OMP_NUM_THREADS": "1",
     }
+    common = {"cwd": cfg.run_dir, "lifetime_s": cfg.lifetime_s}
     procs: list[Proc] = []
     try:
-        (cfg.run_dir / "redis").mkdir(exist_ok=True)
-        procs.append(
-            start_process(
-                "redis",
-                [
-                    binaries["redis-server"],
-                    "--bind",
-                    "127.0.0.1",
-                    "--port",
-                    str(cfg.redis_port),
-                    "--dir",
-                    str(cfg.run_dir / "redis"),
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ],
-                cfg.run_dir,
-                cfg.lifetime_s,
-                {},
-            )
+        redis = RedisServer(
+            cfg.redis_port,
+            workdir=cfg.run_dir / "redis",
+            binary=binaries["redis-server"],
+            lifetime_s=cfg.lifetime_s,
+            log=logs / "redis.log",
         )
-        wait_for_redis(cfg.redis_port, procs[0], timeout_s=20.0)
+        redis.start(timeout_s=20.0)
+        procs.append(redis.proc)
         for i, port in enumerate(cfg.worker_ports, start=1):
             # One ONNX Runtime thread per worker: the stack shares a few cores with everything else.
-            env = {**service_env, "WORKER_METRICS_PORT": str(port), "ORT_INTRA_OP_THREADS": "1"}
-            procs.append(
-                start_process(
-                    f"worker-{i}",
-                    [binaries["pae-worker"]],
-                    cfg.run_dir,
-                    cfg.lifetime_s,
-                    env,
-                    probe=f"http://127.0.0.1:{port}/metrics",
-                )
-            )
+            env = {**service_env, "ORT_INTRA_OP_THREADS": "1"}
+            procs.append(start_worker(f"worker-{i}", port, log=logs / f"worker-{i}.log", env=env, **common))
         for i, port in enumerate(cfg.api_ports, start=1):
             multiproc = cfg.run_dir / f"api-{i}-metrics"
             shutil.rmtree(multiproc, ignore_errors=True)
             multiproc.mkdir()
             env = {**service_env, "PROMETHEUS_MULTIPROC_DIR": str(multiproc)}
-            procs.append(
-                start_process(
-                    f"api-{i}",
-                    [binaries["pae-serve"], "--host", "127.0.0.1", "--port", str(port)],
-                    cfg.run_dir,
-                    cfg.lifetime_s,
-                    env,
-                    probe=f"http://127.0.0.1:{port}/readyz",
-                )
-            )
+            procs.append(start_api(f"api-{i}", port, log=logs / f"api-{i}.log", env=env, **common))
         procs.append(start_prometheus(binaries["prometheus"], prom_config, cfg))
         save_state(cfg.run_dir, cfg, procs)
         wait_until_ready(procs, cfg.ready_timeout_s)
@@ -424,31 +256,14 @@ def start_prometheus(binary: str, config: Path, cfg: StackConfig) -> Proc:
             binary,
             f"--config.file={config}",
             f"--storage.tsdb.path={cfg.run_dir / 'prometheus-data'}",
-            f"--web.listen-address=127.0.0.1:{cfg.prometheus_port}",
+            f"--web.listen-address={LOOPBACK}:{cfg.prometheus_port}",
             "--storage.tsdb.retention.time=1d",
         ],
-        cfg.run_dir,
-        cfg.lifetime_s,
-        {},
-        probe=f"http://127.0.0.1:{cfg.prometheus_port}/-/ready",
+        log=cfg.run_dir / "logs" / "prometheus.log",
+        cwd=cfg.run_dir,
+        lifetime_s=cfg.lifetime_s,
+        probe=f"http://{LOOPBACK}:{cfg.prometheus_port}/-/ready",
     )
-
-
-def wait_for_redis(port: int, proc: Proc, timeout_s: float) -> None:
-    """PING over a raw socket: the stack must not depend on a Redis client being importable."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not is_alive(proc):
-            raise StackError(f"redis-server exited; last log lines:\n{log_tail(proc)}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
-                sock.sendall(b"PING\r\n")
-                if sock.recv(16).startswith(b"+PONG"):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise StackError(f"redis-server on port {port} did not answer PING within {timeout_s:.0f} s")
 
 
 def down(run_dir: Path) -> list[str]:
@@ -465,7 +280,7 @@ def status(run_dir: Path) -> list[tuple[str, int, bool, int]]:
     """(name, pid, alive, probe HTTP status) per recorded process."""
     rows = []
     for proc in load_state(run_dir):
-        alive = is_alive(proc)
+        alive = proc.alive()
         code = http_get(proc.probe, timeout=2.0)[0] if alive and proc.probe else 0
         rows.append((proc.name, proc.pid, alive, code))
     return rows
@@ -574,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             for endpoint, seconds in sorted(check(cfg.run_dir).items()):
                 print(f"p99 {endpoint:<10} {seconds * 1000:.1f} ms")
-    except StackError as exc:
+    except LaunchError as exc:
         print(f"stack: {exc}", file=sys.stderr)
         return 1
     return 0

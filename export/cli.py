@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from export.repository import read_manifest
 from export.tensorrt import PRECISIONS, parse_batch_sizes
 
 
@@ -85,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pae-export: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         print("pae-export: nothing was written to the repository", file=sys.stderr)
         return 1
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = read_manifest(out)
     worst = {}
     for precision in ("fp32", "fp16"):
         for result in manifest["parity"][precision] or []:

@@ -7,7 +7,8 @@ version whose every graph passed is hashed and renamed into place.
 
 from __future__ import annotations
 
-import json
+import importlib.metadata
+import platform
 import shutil
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
@@ -16,8 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.checkpoint import DIT_FILE, STATS_FILE, LoadedCheckpoint, load_checkpoint, torch_config
-from export.manifest import MANIFEST_NAME, software_versions
 from export.onnx_graphs import (
     DEFAULT_OPSET,
     GRAPHS,
@@ -39,9 +38,18 @@ from export.parity import (
     measure,
     ort_session,
 )
-from export.repository import staged_version
+from export.repository import CONFIG_NAME, MANIFEST_NAME, TORCH_DIR, staged_version, write_json
 from export.samples import fashion_mnist_test, parity_images
 from export.tensorrt import batch_range, build_engine
+from model.checkpoint import (
+    CONFIG_FILE,
+    DIT_EMA_FILE,
+    LATENT_STATS_FILE,
+    PAE_FILE,
+    LoadedCheckpoint,
+    load_checkpoint,
+    preset_config,
+)
 from model.flow import guided_velocity
 
 PARITY_BATCHES: tuple[int, ...] = (1, 3)
@@ -153,16 +161,24 @@ def _repository_config(ckpt: LoadedCheckpoint, name: str, version: int, graphs: 
         ),
         "graphs": graphs,
         "torch": {
-            "config": "torch/config.json",
-            "pae": "torch/pae.safetensors",
-            "dit": f"torch/{DIT_FILE}",
-            "latent_stats": f"torch/{STATS_FILE}",
+            "config": f"{TORCH_DIR}/{CONFIG_FILE}",
+            "pae": f"{TORCH_DIR}/{PAE_FILE}",
+            "dit": f"{TORCH_DIR}/{DIT_EMA_FILE}",
+            "latent_stats": f"{TORCH_DIR}/{LATENT_STATS_FILE}",
         },
     }
 
 
-def _write_json(path: Path, obj: Mapping) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+def software_versions() -> dict[str, str | None]:
+    """Versions of everything that shaped or will read the graphs (None for what is absent): ONNX
+    graphs and TensorRT engines are not portable across every version."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for package in ("torch", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "numpy", "tensorrt"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
 
 
 def export_checkpoint(
@@ -231,14 +247,16 @@ def export_checkpoint(
                 "engines": {r.graph: r.to_dict() for r in records},
             }
 
-        torch_dir = stage / "torch"
+        # The served PAE weights (EMA when the checkpoint had them) under the plain name: `torch/` is
+        # a checkpoint directory of exactly what is served.
+        torch_dir = stage / TORCH_DIR
         torch_dir.mkdir()
-        shutil.copyfile(ckpt.directory / ckpt.pae_file, torch_dir / "pae.safetensors")
-        shutil.copyfile(ckpt.directory / DIT_FILE, torch_dir / DIT_FILE)
-        shutil.copyfile(ckpt.directory / STATS_FILE, torch_dir / STATS_FILE)
-        _write_json(torch_dir / "config.json", torch_config(ckpt.preset))
-        _write_json(stage / "config.json", _repository_config(ckpt, name, chosen, graphs))
-        _write_json(
+        shutil.copyfile(ckpt.directory / ckpt.pae_file, torch_dir / PAE_FILE)
+        for file in (DIT_EMA_FILE, LATENT_STATS_FILE):
+            shutil.copyfile(ckpt.directory / file, torch_dir / file)
+        write_json(torch_dir / CONFIG_FILE, preset_config(ckpt.preset))
+        write_json(stage / CONFIG_NAME, _repository_config(ckpt, name, chosen, graphs))
+        write_json(
             stage / MANIFEST_NAME,
             {
                 "name": name,

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from model.validation import non_negative_numbers
+
 
 @dataclass(frozen=True)
 class Tolerance:
@@ -27,10 +29,7 @@ class Tolerance:
     rel: float
 
     def __post_init__(self) -> None:
-        for field in ("max_abs", "rel"):
-            value = getattr(self, field)
-            if not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"Tolerance.{field} must be a number >= 0, got {value!r}")
+        non_negative_numbers(self, "max_abs", "rel")
 
 
 # fp32 graphs differ from eager torch only by operator fusion and summation order: errors of a few

@@ -1,20 +1,20 @@
 """Real images for the parity gate: Fashion-MNIST test digits and scikit-image photographs.
 
 Parity on random noise can hide errors that only show on natural statistics (saturated pixels,
-large flat regions, sharp edges), so the gate runs on real pictures. This module is deliberately
-free of `model/` and `training/`: export must work without importing the training package, and the
-IDX format is a few lines to read.
+large flat regions, sharp edges), so the gate runs on real pictures. Export must work without the
+training package, so the Fashion-MNIST files are read here with the shared IDX reader of `model/`.
 """
 
 from __future__ import annotations
 
-import gzip
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from model.idx import read_idx
 
 FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 # Colour photographs bundled with scikit-image, chosen for varied content (faces, fur, text, sky).
@@ -23,28 +23,6 @@ PHOTO_NAMES: tuple[str, ...] = ("astronaut", "chelsea", "coffee", "rocket", "imm
 
 class SampleDataMissing(FileNotFoundError):
     """Neither Fashion-MNIST nor scikit-image photos are available for the parity gate."""
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (optionally gzip-compressed) of unsigned bytes into an array of its shape.
-
-    Layout: two zero bytes, a type code (0x08 = uint8), the number of dimensions, then that many
-    big-endian uint32 sizes and the raw data.
-    """
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
-        raw = fh.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise ValueError(f"{path} is not an IDX file (bad magic bytes)")
-    if raw[2] != 0x08:
-        raise ValueError(f"{path}: IDX type code {raw[2]:#x} is not unsigned bytes (0x08)")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = int(np.prod(dims)) if dims else 0
-    if len(raw) - header != expected:
-        raise ValueError(f"{path}: header promises {expected} bytes of data, file holds {len(raw) - header}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
 def fashion_mnist_test(count: int, root: Path = FASHION_MNIST_DIR) -> tuple[np.ndarray, np.ndarray]:
@@ -57,8 +35,8 @@ def fashion_mnist_test(count: int, root: Path = FASHION_MNIST_DIR) -> tuple[np.n
                 f"Fashion-MNIST test file {path} not found; install the Debian package "
                 "'dataset-fashion-mnist' or set FASHION_MNIST_DIR"
             )
-    images = read_idx(images_path)[:count]
-    labels = read_idx(labels_path)[:count].astype(np.int64)
+    images = read_idx(images_path, (None, 28, 28))[:count]
+    labels = read_idx(labels_path, (None,))[:count].astype(np.int64)
     return images, labels
 
 

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from model.validation import positive_ints
+
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 DEFAULT_WORKSPACE_BYTES = 4 << 30
 
@@ -34,10 +36,7 @@ class BatchRange:
     max: int
 
     def __post_init__(self) -> None:
-        for field in ("min", "opt", "max"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"BatchRange.{field} must be a positive int, got {value!r}")
+        positive_ints(self, "min", "opt", "max")
         if not self.min <= self.opt <= self.max:
             raise ValueError(
                 f"need min <= opt <= max for a batch range, got {self.min}, {self.opt}, {self.max}"

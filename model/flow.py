@@ -1,6 +1,6 @@
 """Flow matching for training the generator, and the torch side of sampling.
 
-SiT convention (paper §3.4): the path is x_t = t·x_data + (1 − t)·noise with velocity target
+SiT convention, as in the paper's LightningDiT training: the path is x_t = t·x_data + (1 − t)·noise with velocity target
 x_data − noise, t = 0 noise and t = 1 data. The sampler itself is torch-free (`model.sampling`);
 `TorchNetworks` hands it the DiT, and `guided_velocity` is the fused CFG call that the exported `dit`
 graph computes.

@@ -1,4 +1,4 @@
-"""LightningDiT: the class-conditional velocity network that generates PAE latents (PAE_SPEC §3).
+"""LightningDiT: the class-conditional velocity network that generates PAE latents (used unmodified by PAE).
 
 Pre-norm transformer blocks with RMSNorm, adaLN-Zero conditioning, SwiGLU MLPs, 2-D rotary plus
 absolute sin-cos positions. Time follows SiT (t = 0 noise, t = 1 data) and the network predicts the
@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from model.pos_embed import resolve_table_dtype, sincos_2d
+from model.pos_embed import TABLE_DTYPES, resolve_table_dtype, sincos_2d
+from model.validation import fraction, one_of, positive_ints, positive_numbers
 
 _SIZES: dict[str, tuple[int, int, int, int]] = {
     # name: (depth, hidden, heads, patch)
@@ -55,10 +56,7 @@ class DiTConfig:
     table_dtype: str = "float64"
 
     def __post_init__(self) -> None:
-        for name in ("in_channels", "grid", "patch_size", "hidden", "depth", "heads", "num_classes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"DiTConfig.{name} must be a positive int, got {value!r}")
+        positive_ints(self, "in_channels", "grid", "patch_size", "hidden", "depth", "heads", "num_classes")
         if self.hidden % self.heads:
             raise ValueError(f"DiTConfig.hidden ({self.hidden}) must be divisible by heads ({self.heads})")
         if self.use_rope and self.head_dim % 4:
@@ -67,11 +65,9 @@ class DiTConfig:
             )
         if self.use_abs_pos and self.hidden % 4:
             raise ValueError(f"2-D sin-cos positions need hidden divisible by 4, got {self.hidden}")
-        if not self.mlp_ratio > 0:
-            raise ValueError(f"DiTConfig.mlp_ratio must be > 0, got {self.mlp_ratio}")
-        if not 0.0 <= self.class_dropout < 1.0:
-            raise ValueError(f"DiTConfig.class_dropout must be in [0, 1), got {self.class_dropout}")
-        resolve_table_dtype(self.table_dtype)
+        positive_numbers(self, "mlp_ratio")
+        fraction(self, "class_dropout")
+        one_of(self, "table_dtype", TABLE_DTYPES)
 
     @property
     def head_dim(self) -> int:

@@ -1,9 +1,9 @@
 """PAE tokenizer: frozen VFM → DAM → projector → RMS sphere latent → deprojector → ViT pixel decoder.
 
-Shapes at paper scale (DINOv2-L/14 at 224 px, PAE_SPEC §1): image B×3×256×256 → VFM tokens B×256×1024 →
-DAM output B×256×1024 → latent B×32×16×16 (every token on the sphere of radius √32) → decoder tokens
-B×256×1024 → image B×3×256×256 ≈ [0, 1]. The frozen VFM is held outside the module tree, so checkpoints,
-optimisers and `parameters()` only ever see PAE's own weights.
+Shapes at paper scale (DINOv2-L/14 at 224 px, the paper's default VFM): image B×3×256×256 → VFM
+tokens B×256×1024 → DAM output B×256×1024 → latent B×32×16×16 (every token on the sphere of radius
+√32) → decoder tokens B×256×1024 → image B×3×256×256 ≈ [0, 1]. The frozen VFM is held outside the
+module tree, so checkpoints, optimisers and `parameters()` only ever see PAE's own weights.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .pos_embed import resolve_table_dtype, sincos_2d
+from .pos_embed import TABLE_DTYPES, resolve_table_dtype, sincos_2d
+from .validation import non_negative_ints, one_of, positive_ints, positive_numbers
 from .vfm.base import FrozenVFM, VFMSpec, normalize_image, stats_tensor
 
 FUSIONS = ("sft", "add", "concat", "none")
@@ -45,25 +46,19 @@ class PAEConfig:
     table_dtype: str = "float64"
 
     def __post_init__(self) -> None:
-        if self.fusion not in FUSIONS:
-            raise ValueError(f"PAEConfig.fusion must be one of {FUSIONS}, got {self.fusion!r}")
-        for name in (
+        one_of(self, "fusion", FUSIONS)
+        positive_ints(
+            self,
             "image_size",
             "latent_dim",
             "decoder_width",
             "decoder_depth",
             "decoder_heads",
             "decoder_patch",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"PAEConfig.{name} must be a positive int, got {value!r}")
-        if self.dam_depth < 0:
-            raise ValueError(f"PAEConfig.dam_depth must be ≥ 0, got {self.dam_depth}")
-        eps = self.dam_ln_eps
-        if not isinstance(eps, float) or not 0.0 < eps < 1.0:
-            raise ValueError(f"PAEConfig.dam_ln_eps must be a float in (0, 1), got {eps!r}")
-        resolve_table_dtype(self.table_dtype)
+        )
+        non_negative_ints(self, "dam_depth")
+        positive_numbers(self, "dam_mlp_ratio", "decoder_mlp_ratio", "dam_ln_eps")
+        one_of(self, "table_dtype", TABLE_DTYPES)
         if self.image_size % self.decoder_patch:
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of decoder_patch {self.decoder_patch}"

@@ -1,6 +1,6 @@
 """Sampling the generator's flow, and the generation pipeline every backend shares.
 
-SiT convention: t = 0 is noise, t = 1 is data, the velocity is data − noise (paper §3.4, §3.6). The
+SiT convention: t = 0 is noise, t = 1 is data, the velocity is data − noise (the paper's generator and sampling setup). The
 module is plain numpy on the backend's own arrays (numpy for ONNX Runtime, torch tensors for the torch
 networks), so one loop serves training's sample grids, export's checks and every serving runtime, and
 a serving image needs no torch. A backend supplies its networks through `Networks`; the solver, step
@@ -25,6 +25,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .validation import is_number, non_negative_numbers, one_of, positive_ints, positive_numbers
+
 SAMPLERS = ("euler", "heun", "sde")
 GRIDS = ("updates", "release")
 
@@ -33,10 +35,6 @@ RELEASE_SDE_START = 1e-5
 RELEASE_SDE_LAST_STEP = 0.004
 
 _SEED_LIMIT = 2**63
-
-
-def _finite_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -51,12 +49,11 @@ class SamplerConfig:
     grid: str = "updates"
 
     def __post_init__(self) -> None:
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"SamplerConfig.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if self.grid not in GRIDS:
-            raise ValueError(f"SamplerConfig.grid must be one of {GRIDS}, got {self.grid!r}")
-        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
-            raise ValueError(f"SamplerConfig.steps must be an int >= 1, got {self.steps!r}")
+        one_of(self, "sampler", SAMPLERS)
+        one_of(self, "grid", GRIDS)
+        positive_ints(self, "steps")
+        positive_numbers(self, "shift")
+        non_negative_numbers(self, "cfg_scale")
         fewest = 3 if self.sampler == "sde" else (2 if self.grid == "release" else 1)
         if self.steps < fewest:
             why = (
@@ -68,15 +65,11 @@ class SamplerConfig:
                 f"SamplerConfig.steps must be >= {fewest} for sampler {self.sampler!r} on the "
                 f"{self.grid!r} grid ({why}), got {self.steps}"
             )
-        if not _finite_number(self.shift) or self.shift <= 0:
-            raise ValueError(f"SamplerConfig.shift must be a finite number > 0, got {self.shift!r}")
-        if not _finite_number(self.cfg_scale) or self.cfg_scale < 0:
-            raise ValueError(f"SamplerConfig.cfg_scale must be a finite number >= 0, got {self.cfg_scale!r}")
         interval = self.cfg_interval
         if not (isinstance(interval, tuple | list) and len(interval) == 2):
             raise ValueError(f"SamplerConfig.cfg_interval must be a (start, end) pair, got {interval!r}")
         start, end = interval
-        if not (_finite_number(start) and _finite_number(end)):
+        if not (is_number(start) and is_number(end)):
             raise ValueError(f"SamplerConfig.cfg_interval values must be finite numbers, got {interval!r}")
         if not 0.0 <= start <= end <= 1.0:
             raise ValueError(
@@ -108,7 +101,7 @@ class SamplerConfig:
         return self.guided and start <= t <= end
 
 
-# The authors' three published settings (paper §3.6–3.7): guided Euler for the 80- and 800-epoch
+# The authors' three published settings (their released sampling configs): guided Euler for the 80- and 800-epoch
 # LightningDiT-XL/1 checkpoints, and the unguided SDE.
 RELEASE_SAMPLERS: dict[str, SamplerConfig] = {
     "release-80ep": SamplerConfig("euler", 250, 0.4, 2.5, (0.25, 1.0), "release"),
@@ -119,7 +112,7 @@ RELEASE_SAMPLERS: dict[str, SamplerConfig] = {
 
 def check_shift(s: float) -> None:
     """A time shift is a finite number > 0."""
-    if not _finite_number(s) or s <= 0:
+    if not is_number(s) or s <= 0:
         raise ValueError(f"time shift must be a finite number > 0, got {s!r}")
 
 

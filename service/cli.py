@@ -89,17 +89,23 @@ def serve_main(argv: Sequence[str] | None = None) -> None:
 
     import uvicorn
 
-    from service.embedded import EmbeddedRedis, WorkerThread
+    from service.api.server import PROTOCOL
+    from service.embedded import WorkerThread
+    from service.launcher import LaunchError
+    from service.redis_server import RedisServer
 
     # uvicorn re-raises the SIGTERM it handled once it has shut down; turning that into SystemExit
     # lets the `finally` below stop the embedded worker and redis-server instead of orphaning them.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    embedded: EmbeddedRedis | None = None
+    embedded: RedisServer | None = None
     worker: WorkerThread | None = None
     try:
         if settings.redis_url is None:
-            embedded = EmbeddedRedis()
-            url = embedded.start()
+            try:
+                embedded = RedisServer()
+                url = embedded.start()
+            except LaunchError as exc:
+                sys.exit(f"pae-serve: {exc}")
             os.environ["REDIS_URL"] = url
             worker = WorkerThread(replace(settings, redis_url=url), url)
             worker.start()
@@ -107,6 +113,7 @@ def serve_main(argv: Sequence[str] | None = None) -> None:
         uvicorn.run(
             "service.app:create_app",
             factory=True,
+            http=PROTOCOL,
             host=args.host,
             port=args.port,
             workers=args.workers,
@@ -140,8 +147,8 @@ def worker_main(argv: Sequence[str] | None = None) -> None:
 
     from prometheus_client import start_http_server
 
+    from export.repository import resolve_version_dir
     from service import metrics
-    from service.repository import resolve_version_dir
     from service.runtimes import load_runtime
     from service.worker import Worker
 

@@ -1,11 +1,11 @@
-"""Checkpoint-directory I/O: safetensors weights, JSON config/metrics, and resumable training state.
+"""Resumable training state: everything a stage needs to continue a run exactly where it stopped.
 
-Nothing here is pickled. Weights, optimiser moments, EMA shadows and RNG states are tensors in
-safetensors files; everything else (step, optimiser hyper-parameters, scheduler counters, Python's
-RNG) is JSON. Every write goes to a temporary name first and is renamed into place, so a run killed
-mid-save leaves the previous checkpoint intact.
-
-Resume state of a stage lives in `DIR/resume/<stage>/` as `state.safetensors` + `state.json`:
+A different format from the checkpoint directory (`model/checkpoint.py`), built from its pieces:
+nothing is pickled. Weights, optimiser moments, EMA shadows and RNG states are tensors in one
+safetensors file; everything else (step, optimiser hyper-parameters, scheduler counters, Python's
+RNG) is JSON. The state of a stage lives in `DIR/resume/<stage>/` as `state.safetensors` +
+`state.json`, and the folder is replaced atomically, so a run killed mid-save resumes from the
+previous state:
 
 - `model.<name>.<key>`   module state dicts (without DDP's `module.` prefix)
 - `optim.<name>.<param index>.<key>`   optimiser per-parameter state (AdamW: step, exp_avg, exp_avg_sq)
@@ -15,8 +15,6 @@ Resume state of a stage lives in `DIR/resume/<stage>/` as `state.safetensors` + 
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import shutil
 import tempfile
@@ -26,109 +24,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from model.checkpoint import CheckpointError, load_state, load_tensors, read_json, save_tensors, write_json
 from training.distributed import unwrap
 from training.optim import EMA
 
 RESUME_DIR = "resume"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, unreadable or does not match what is being restored."""
-
-
-def _atomic_target(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would make shipped files unreadable to other users
-    return Path(tmp)
-
-
-def save_tensors(
-    path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
-) -> None:
-    """Write tensors (moved to CPU, made contiguous, shared storage broken) to a safetensors file."""
-    path = Path(path)
-    clean = {}
-    for key, value in tensors.items():
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{path.name}: value for {key!r} is {type(value).__name__}, not a tensor")
-        clean[key] = value.detach().to("cpu").contiguous().clone()
-    tmp = _atomic_target(path)
-    try:
-        save_file(clean, str(tmp), metadata=dict(metadata) if metadata else None)
-        os.chmod(tmp, 0o644)  # safetensors recreates the file with 0600
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Read every tensor of a safetensors file; a missing or corrupt file raises `CheckpointError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read safetensors file {path}: {exc}") from exc
-
-
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The string metadata header of a safetensors file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except Exception as exc:
-        raise CheckpointError(f"cannot read safetensors file {path}: {exc}") from exc
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    """Pretty, key-sorted JSON, written atomically."""
-    path = Path(path)
-    tmp = _atomic_target(path)
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def read_json(path: str | Path) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"JSON file not found: {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
-
-
-def update_json(path: str | Path, updates: Mapping[str, Any]) -> dict:
-    """Merge `updates` into a JSON object file (created when absent), recursively for nested dicts."""
-    path = Path(path)
-    current = read_json(path) if path.is_file() else {}
-    if not isinstance(current, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
-    _deep_merge(current, updates)
-    write_json(path, current)
-    return current
-
-
-def _deep_merge(into: dict, updates: Mapping[str, Any]) -> None:
-    for key, value in updates.items():
-        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
-            _deep_merge(into[key], value)
-        else:
-            into[key] = value
 
 
 def module_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -137,18 +39,8 @@ def module_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_module(module: nn.Module, tensors: Mapping[str, torch.Tensor], what: str) -> None:
-    """Strictly load `tensors` into `module`; a key or shape mismatch raises `CheckpointError`."""
-    target = unwrap(module)
-    expected = target.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    bad_shape = [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
-    if missing or unexpected or bad_shape:
-        raise CheckpointError(
-            f"{what} does not match {type(target).__name__}: missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]}, wrong shape {bad_shape[:5]} (was it written by a different preset?)"
-        )
-    target.load_state_dict(dict(tensors), strict=True)
+    """Strictly load `tensors` into a (possibly DDP-wrapped) module; a mismatch raises `CheckpointError`."""
+    load_state(unwrap(module), tensors, what)
 
 
 # --- optimiser state ----------------------------------------------------------------------------

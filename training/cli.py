@@ -2,16 +2,18 @@
 
     pae-train STAGE --preset NAME --out DIR [--set section.key=value ...] [options]
 
-STAGE is `refine`, `tokenizer`, `latents`, `dit`, `eval`, or `all` (every stage in order, then the
-shipped checkpoint layout). Every stage reads and writes the one checkpoint directory DIR
+STAGE is `refine`, `tokenizer`, `latents`, `generator`, `evaluate`, or `all` (every stage in order,
+then the shipped checkpoint layout). Every stage reads and writes the one checkpoint directory DIR
 (`config.json`, `*.safetensors`, `metrics.json`, TensorBoard logs in DIR/tb, resume state in
 DIR/resume), resumes from its last checkpoint there, and is skipped when it already finished with the
 same settings. Large regenerable data (VFM feature cache, refined targets, latent shards) goes under
 `--cache` (default $PAE_CACHE_DIR or ~/.cache/pae).
 
-`--set` overrides preset fields, typed by the dataclass: `tokenizer.steps=200`,
-`dit.lr=1e-4`, `refine.depth=4`, `eval.gen_num_samples=500`, `sampler.steps=50`, `pae.latent_dim=8`,
-`dit_arch.depth=4`; inside a single stage the section prefix may be omitted (`--set steps=200`).
+`--set section.field=value` overrides a field, typed by its dataclass. The architecture sections are
+`pae`, `dit` and `sampler` (`pae.latent_dim=8`, `dit.depth=4`, `sampler.steps=50`); the training
+recipe's are named after the stages that read them (`refine.depth=4`, `tokenizer.steps=200`,
+`generator.lr=1e-4`, `evaluate.gen_num_samples=500`), plus `data.train_per_class`. Inside a single
+stage its own section may be omitted (`pae-train tokenizer … --set steps=200`).
 
 Distributed: `torchrun --nproc_per_node=2 -m training.cli tokenizer ...` (DDP; gloo on CPU, NCCL on
 CUDA; only rank 0 writes).
@@ -42,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("stage", choices=COMMANDS, help="stage to run ('all' runs every stage in order)")
     parser.add_argument(
-        "--preset", required=True, choices=sorted(PRESETS), help="named preset (model/presets.py)"
+        "--preset",
+        required=True,
+        choices=sorted(PRESETS),
+        help="named preset (architecture: model/presets.py; recipe: training/recipes.py)",
     )
     parser.add_argument("--out", required=True, help="checkpoint directory (read and written by every stage)")
     parser.add_argument(
@@ -51,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a preset field, e.g. tokenizer.steps=200 (repeatable)",
+        help="override an architecture or recipe field, e.g. tokenizer.steps=200 (repeatable)",
     )
     parser.add_argument("--cache", default=None, help="directory for feature caches and latent shards")
     parser.add_argument("--dataset", default=None, help="replace the preset's dataset (same class count)")

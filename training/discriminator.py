@@ -1,6 +1,6 @@
 """Patch discriminator with DiffAugment for the PAE GAN term.
 
-The published recipe (PAE_SPEC §2.5, via RAE) uses a frozen DINO ViT-S/8 with trainable heads as
+The published recipe (the paper's, inherited from RAE) uses a frozen DINO ViT-S/8 with trainable heads as
 the discriminator. Those DINO weights are not obtainable offline (no registry package carries
 them), so this project uses a small convolutional patch discriminator trained from scratch:
 spectral-normalised convs (a Lipschitz bound that keeps the hinge game stable without BatchNorm,

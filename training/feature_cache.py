@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from model.hashing import sha256_file
 from training.lpips import cache_dir
 
 FORMAT_VERSION = 1
@@ -52,14 +53,6 @@ def feature_cache_key(
     }
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
     return f"{dataset_name}-{split}-{digest}", fields
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class FeatureCache:
@@ -103,7 +96,7 @@ class FeatureCache:
                 raise FeatureCacheError(
                     f"feature cache shard {path} has {os.path.getsize(path)} bytes, expected {shard['bytes']}"
                 )
-            if verify_hashes and _sha256(path) != shard["sha256"]:
+            if verify_hashes and sha256_file(path) != shard["sha256"]:
                 raise FeatureCacheError(f"feature cache shard {path}: sha256 mismatch (corrupt)")
             self._check_header(path, shard["count"])
         if expected_start != self.length:
@@ -197,7 +190,7 @@ def _compute(
                     "start": start,
                     "count": int(chunk.shape[0]),
                     "bytes": os.path.getsize(path),
-                    "sha256": _sha256(path),
+                    "sha256": sha256_file(path),
                 }
             )
 

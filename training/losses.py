@@ -1,4 +1,5 @@
-"""PAE training objective (PAE_SPEC §2.5–2.6): reconstruction, GAN and the three prior-alignment terms.
+"""PAE training objective (the paper's L_recon + L_p): reconstruction, GAN and the three prior-alignment
+terms.
 
 Every function takes plain tensors and callables (`decode`, `lpips`), so the terms can be tested,
 and reused by the refine stage, without a full model. `PAELoss` combines them with weights from a
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.pae import sphere_norm
+from model.validation import non_negative_numbers
 
 Decode = Callable[[torch.Tensor], torch.Tensor]
 Perceptual = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -100,7 +102,7 @@ def sphere_perturb(z: torch.Tensor, angle_deg: float, direction: torch.Tensor) -
     """Geodesic step of `angle_deg` from each token of z towards `direction` on its sphere.
 
     z(θ) = cos θ·z + sin θ·Δ with Δ the tangent part of `direction` at z, rescaled to z's norm;
-    the same as normalising z + tan θ·Δ (PAE_SPEC §2.6), but exact at 85° where tan θ ≈ 11.4.
+    the same as normalising z + tan θ·Δ, but exact at 85° where tan θ ≈ 11.4.
     The result is re-projected with `sphere_norm` so rounding never moves it off the RMS sphere.
     Using one `direction` for several angles keeps all points on one great circle per token.
     """
@@ -196,9 +198,9 @@ _TERM_WEIGHTS = ("l1_weight", "lpips_weight", "gan_weight", "ssr_weight", "mcr_w
 
 @dataclass(frozen=True)
 class LossWeights:
-    """Weights of the PAE objective (paper values, PAE_SPEC §2.5) and MCR/GAN settings.
+    """Weights of the PAE objective (the paper's values) and MCR/GAN settings.
 
-    Field names match `model.presets.TokenizerTrainConfig`, so `PAELoss` takes that config (or any
+    Field names match `training.recipes.TokenizerTrainConfig`, so `PAELoss` takes that config (or any
     object with the six `*_weight` term attributes) directly; other fields fall back to these defaults.
     """
 
@@ -213,10 +215,7 @@ class LossWeights:
     gan_max_weight: float = 1e4
 
     def __post_init__(self) -> None:
-        for name in (*_TERM_WEIGHTS, "gan_max_weight"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"loss weight {name} must be finite and ≥ 0, got {value}")
+        non_negative_numbers(self, *_TERM_WEIGHTS, "gan_max_weight")
 
     @classmethod
     def from_config(cls, cfg: object) -> LossWeights:

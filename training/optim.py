@@ -120,7 +120,7 @@ def build_scheduler(
 class EMA:
     """Exponential moving average of a module's floating-point parameters and buffers.
 
-    Initialised as an exact copy (PAE_SPEC §3.5), updated after each optimiser step with
+    Initialised as an exact copy (the LightningDiT recipe the paper trains with), updated after each optimiser step with
     `shadow ← decay·shadow + (1 − decay)·param`. Held outside the module so DDP never sees it.
     """
 

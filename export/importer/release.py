@@ -26,9 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from export.checkpoint import DIT_FILE, STATS_FILE, torch_config
 from export.importer import check, infer, vfm_folder
 from export.importer.card import model_card
 from export.importer.layout import VFM_PREFIX, Layout, dit_layout, pae_layout
@@ -40,10 +38,10 @@ from export.importer.sources import (
     read_latent_stats,
     read_weights,
 )
+from model.checkpoint import DIT_EMA_FILE, LATENT_STATS_FILE, PAE_FILE, preset_config, save_tensors
 from model.presets import Preset
 from model.vfm.hf import weight_files
 
-PAE_FILE = "pae.safetensors"
 VFM_DIR = "vfm"
 # Which entry of a `.pt` holds the weights: the authors' tools read the tokenizer's `model` and the
 # generator's `ema` (falling back to the file's own dict). "" stands for the file's own dict.
@@ -246,12 +244,12 @@ def write_import(plan: ImportPlan, out: Path) -> Path:
             pae=dataclasses.replace(preset.pae, vfm=dataclasses.replace(preset.pae.vfm, path=str(vfm_path))),
         )
         pae_map, dit_map = plan.layouts()
-        save_file(check.convert(plan.pae, pae_map), str(stage / PAE_FILE), metadata={"format": "pt"})
-        save_file(check.convert(plan.dit, dit_map), str(stage / DIT_FILE), metadata={"format": "pt"})
+        save_tensors(stage / PAE_FILE, check.convert(plan.pae, pae_map))
+        save_tensors(stage / DIT_EMA_FILE, check.convert(plan.dit, dit_map))
         mean, std = plan.stats
-        save_file({"mean": mean.contiguous(), "std": std.contiguous()}, str(stage / STATS_FILE))
+        save_tensors(stage / LATENT_STATS_FILE, {"mean": mean, "std": std})
         plan.report["sources"] = [s.describe() for s in plan.sources]
-        config = {**torch_config(preset), "stage": "import", "imported": {"sources": plan.report["sources"]}}
+        config = {**preset_config(preset), "stage": "import", "imported": {"sources": plan.report["sources"]}}
         (stage / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (stage / "import.json").write_text(json.dumps(plan.report, indent=2, sort_keys=True) + "\n")
         (stage / "MODEL_CARD.md").write_text(model_card(plan.report, preset))

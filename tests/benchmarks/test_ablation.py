@@ -1,4 +1,4 @@
-"""The ablation harness (issue 7): budgets and arms resolve to the intended training configs, the
+"""The ablation harness (benchmarks/ablation/): budgets and arms resolve to the intended training configs, the
 seed aggregation and the claim checks compute what they say, and the `micro` budget runs the real
 pipeline end to end on MNIST-5k into a well-formed, finite report."""
 
@@ -12,27 +12,16 @@ from typing import Any
 import pytest
 import torch
 
-from benchmarks.ablation import (
-    ARMS,
-    BUDGETS,
-    Budget,
-    FDProbe,
-    Plan,
-    aggregate,
-    budget_sets,
-    combine,
-    curve_stops,
-    evaluate_claims,
-    finite_json,
-    main,
-    reference_stats,
-    shipped_classifier,
-    write_report,
-)
-from benchmarks.plot_ablation import plot_curves, render_claims, render_table
-from model.presets import get_preset
+from benchmarks.ablation.aggregate import aggregate, combine
+from benchmarks.ablation.budgets import ARMS, BUDGETS, Budget, budget_sets, curve_stops
+from benchmarks.ablation.claims import evaluate_claims
+from benchmarks.ablation.cli import main
+from benchmarks.ablation.fd_probe import FDProbe, reference_stats
+from benchmarks.ablation.plan import Plan, shipped_classifier
+from benchmarks.ablation.report import finite_json, plot_curves, render_claims, render_table, write_report
 from training.distributed import DistEnv
 from training.metrics.frechet import EfficientNetLite2Features
+from training.recipes import get_recipe
 from training.stages import assets
 
 CPU1 = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -50,8 +39,8 @@ def plan_for(
 
 
 def test_budgets_scale_the_preset_schedule() -> None:
-    preset = get_preset("fmnist32-tiny")
-    tok, dit = preset.tokenizer_train, preset.dit_train
+    recipe = get_recipe("fmnist32-tiny")
+    tok, dit = recipe.tokenizer, recipe.generator
     half = Budget(
         name="half",
         arms=("pae",),
@@ -64,23 +53,28 @@ def test_budgets_scale_the_preset_schedule() -> None:
         dit_scale=0.5,
         refine_scale=0.5,
     )
-    sets = budget_sets(half, preset)
+    sets = budget_sets(half, recipe)
     assert sets["tokenizer.steps"] == str(round(tok.steps / 2))
     assert sets["tokenizer.gan_start_step"] == str(round(tok.gan_start_step / 2))
     assert sets["tokenizer.disc_start_step"] == str(round(tok.disc_start_step / 2))
     assert sets["tokenizer.warmup_steps"] == str(round(tok.warmup_steps / 2))
-    assert sets["tokenizer.refine_steps"] == str(round(tok.refine_steps / 2))
+    r_steps = round(recipe.refine.steps / 2)
+    assert sets["refine.steps"] == str(r_steps)
+    assert sets["refine.warmup_steps"] == str(min(round(tok.warmup_steps / 2), r_steps // 10))
     d_steps = round(dit.steps / 2)
-    assert sets["dit.steps"] == str(d_steps) and sets["dit.ckpt_every"] == str(d_steps // 4)
-    assert sets["eval.gen_num_samples"] == "50" and sets["eval.fd_samples"] == "60"
-    assert sets["eval.fd_network"] == "efficientnet-lite2"
-    quick = budget_sets(BUDGETS["quick"], preset)
+    assert sets["generator.steps"] == str(d_steps) and sets["generator.ckpt_every"] == str(d_steps // 4)
+    assert sets["evaluate.gen_num_samples"] == "50" and sets["evaluate.fd_samples"] == "60"
+    assert sets["evaluate.fd_network"] == "efficientnet-lite2"
+    quick = budget_sets(BUDGETS["quick"], recipe)
     q = BUDGETS["quick"]
     assert quick["tokenizer.steps"] == str(round(tok.steps * q.tokenizer_scale))
-    assert quick["dit.steps"] == str(round(dit.steps * q.dit_scale))
+    assert quick["generator.steps"] == str(round(dit.steps * q.dit_scale))
+    # quick's refine: the recipe's 300 steps, warming up like its 800-step tokenizer (16 steps)
+    assert (quick["refine.steps"], quick["refine.warmup_steps"]) == ("300", "16")
     assert "data.train_per_class" not in quick  # the preset's subset, whose VFM features `make train` cached
-    micro = budget_sets(BUDGETS["micro"], preset)
-    assert micro["tokenizer.steps"] == "3" and micro["dit.steps"] == "4" and micro["dit.ckpt_every"] == "2"
+    micro = budget_sets(BUDGETS["micro"], recipe)
+    assert micro["tokenizer.steps"] == "3" and micro["generator.steps"] == "4"
+    assert micro["generator.ckpt_every"] == "2" and micro["refine.warmup_steps"] == "0"
 
 
 def test_budget_without_curve_points_is_refused() -> None:
@@ -94,7 +88,7 @@ def test_budget_without_curve_points_is_refused() -> None:
         reference_samples=4,
     )
     with pytest.raises(ValueError, match="curve_points must be >= 1"):
-        budget_sets(bad, get_preset("fmnist32-tiny"))
+        budget_sets(bad, get_recipe("fmnist32-tiny"))
 
 
 @pytest.mark.parametrize(
@@ -118,7 +112,7 @@ def test_the_committed_classifier_judges_only_runs_on_the_presets_own_data(tmp_p
     shipped = Path(__file__).resolve().parents[2] / "checkpoints" / "fmnist32-tiny" / "classifier.safetensors"
     assert shipped_classifier(plan_for("quick", tmp_path)) == shipped
     assert shipped_classifier(plan_for("micro", tmp_path)) is None  # MNIST-5k: another judge
-    for key in ("data.train_per_class", "eval.classifier_steps"):
+    for key in ("data.train_per_class", "evaluate.classifier_steps"):
         plan = plan_for("quick", tmp_path)
         plan.extra_sets = {key: "100"}
         assert shipped_classifier(plan) is None, key
@@ -131,32 +125,32 @@ def test_the_committed_classifier_judges_only_runs_on_the_presets_own_data(tmp_p
 
 
 def test_dit_long_trains_quicks_tokenizers_with_the_full_dit_budget() -> None:
-    preset = get_preset("fmnist32-tiny")
-    quick = budget_sets(BUDGETS["quick"], preset)
-    long = budget_sets(BUDGETS["dit-long"], preset)
+    recipe = get_recipe("fmnist32-tiny")
+    quick = budget_sets(BUDGETS["quick"], recipe)
+    long = budget_sets(BUDGETS["dit-long"], recipe)
     tokenizer_keys = [k for k in quick if k.startswith("tokenizer.")]
     assert {k: long[k] for k in tokenizer_keys} == {k: quick[k] for k in tokenizer_keys}
-    assert int(long["dit.steps"]) == preset.dit_train.steps == 4 * int(quick["dit.steps"])
-    assert long["dit.warmup_steps"] == str(preset.dit_train.warmup_steps)
-    assert int(long["dit.ckpt_every"]) == preset.dit_train.steps // 4
+    assert int(long["generator.steps"]) == recipe.generator.steps == 4 * int(quick["generator.steps"])
+    assert long["generator.warmup_steps"] == str(recipe.generator.warmup_steps)
+    assert int(long["generator.ckpt_every"]) == recipe.generator.steps // 4
     assert BUDGETS["dit-long"].results_name != BUDGETS["quick"].results_name
 
 
 def test_arms_differ_only_in_their_loss_weights(tmp_path: Path) -> None:
     plan = plan_for("full", tmp_path, arms=tuple(ARMS))
-    preset = get_preset("fmnist32-tiny").tokenizer_train
-    ssr, mcr, scr = preset.ssr_weight, preset.mcr_weight, preset.scr_weight
+    recipe = get_recipe("fmnist32-tiny").tokenizer
+    ssr, mcr, scr = recipe.ssr_weight, recipe.mcr_weight, recipe.scr_weight
     assert min(ssr, mcr, scr) > 0
     weights = {}
     for arm in ARMS:
         ctx = plan.context(tmp_path / arm, arm, "tokenizer", 0)
-        tok = ctx.preset.tokenizer_train
+        tok = ctx.recipe.tokenizer
         weights[arm] = (tok.ssr_weight, tok.mcr_weight, tok.scr_weight)
-        # the reconstruction loss is the preset's in every arm
+        # the reconstruction loss is the recipe's in every arm
         assert (tok.l1_weight, tok.lpips_weight, tok.gan_weight) == (
-            preset.l1_weight,
-            preset.lpips_weight,
-            preset.gan_weight,
+            recipe.l1_weight,
+            recipe.lpips_weight,
+            recipe.gan_weight,
         )
     assert weights == {
         "baseline": (0.0, 0.0, 0.0),
@@ -170,10 +164,10 @@ def test_arms_differ_only_in_their_loss_weights(tmp_path: Path) -> None:
 def test_extra_weight_sets_never_switch_on_a_term_an_arm_lacks(tmp_path: Path) -> None:
     plan = plan_for("full", tmp_path, arms=tuple(ARMS))
     plan.extra_sets = {"tokenizer.ssr_weight": "0.7", "pae.latent_dim": "8"}
-    base = plan.context(tmp_path / "b", "baseline", "tokenizer", 0).preset
-    ssr = plan.context(tmp_path / "s", "ssr", "tokenizer", 0).preset
-    assert base.tokenizer_train.ssr_weight == 0.0 and ssr.tokenizer_train.ssr_weight == 0.7
-    assert base.pae.latent_dim == ssr.pae.latent_dim == 8  # shared changes reach every arm
+    base = plan.context(tmp_path / "b", "baseline", "tokenizer", 0)
+    ssr = plan.context(tmp_path / "s", "ssr", "tokenizer", 0)
+    assert base.recipe.tokenizer.ssr_weight == 0.0 and ssr.recipe.tokenizer.ssr_weight == 0.7
+    assert base.preset.pae.latent_dim == ssr.preset.pae.latent_dim == 8  # shared changes reach every arm
 
 
 def test_extra_seeds_train_only_the_seeded_arms(tmp_path: Path) -> None:
@@ -404,10 +398,10 @@ def test_micro_budget_end_to_end(tmp_path: Path) -> None:
     assert (out / "seed0" / "pae" / "refine.safetensors").is_file()
     assert not (out / "seed0" / "baseline" / "refine.safetensors").exists()
 
-    # The harness's FD probe reproduces the eval stage's gen.fd from the final DiT.
+    # The harness's FD probe reproduces the evaluate stage's gen.fd from the final DiT.
     plan = plan_for("micro", out)
     plan.cache = str(tmp_path / "cache")
-    ctx = plan.context(out / "seed0" / "pae", "pae", "eval", 0)
+    ctx = plan.context(out / "seed0" / "pae", "pae", "evaluate", 0)
     network = EfficientNetLite2Features()
     probe = FDProbe(network, reference_stats(ctx, network, out / "reference_test_8.safetensors"), ctx)
     mean, std = assets.load_latent_stats(ctx)
@@ -425,4 +419,4 @@ def test_micro_budget_end_to_end(tmp_path: Path) -> None:
     assert again["arms_wall_s"] == pytest.approx(report["arms_wall_s"]) and report["arms_wall_s"] > 0
     assert again["wall_s"] < report["wall_s"]
     with pytest.raises(SystemExit, match="other settings"):
-        main([*argv, "--set", "dit.lr=7e-4"])
+        main([*argv, "--set", "generator.lr=7e-4"])

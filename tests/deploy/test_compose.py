@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -19,9 +20,12 @@ def _compose() -> dict:
 
 
 def _resolve_env(env: dict) -> dict[str, str]:
-    """Compose's ${VAR:-default} with nothing exported: the default."""
+    """Compose's ${VAR:-default} with nothing exported: the default; a key with no value passes the
+    caller's variable through, so with nothing exported it is not set."""
     out = {}
     for key, value in env.items():
+        if value is None:
+            continue
         text = str(value)
         if text.startswith("${") and ":-" in text:
             text = text.split(":-", 1)[1].rstrip("}")
@@ -35,7 +39,46 @@ def test_services_and_replicas():
     assert services["api"]["deploy"]["replicas"] == 2
     assert services["api"]["command"] == ["api"] and services["worker"]["command"] == ["worker"]
     assert services["api"]["image"] == services["worker"]["image"], "one image for both roles"
-    assert services["api"]["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_nothing_relies_on_service_healthy():
+    # podman-compose (podman 4) ignores `condition: service_healthy`; the services wait for Redis
+    # themselves, and the start order is only a courtesy.
+    for name, service in _compose()["services"].items():
+        depends = service.get("depends_on", [])
+        assert isinstance(depends, list), f"{name}: depends_on with conditions"
+
+
+def test_replicas_publish_no_fixed_port_or_range():
+    # A fixed host port or a range cannot be shared by replicas under every compose tool: each replica
+    # takes a free port of its own on loopback.
+    api = _compose()["services"]["api"]
+    assert api["deploy"]["replicas"] > 1
+    assert api["ports"] == ["127.0.0.1::8000"]
+
+
+def test_variables_expand_in_every_compose_tool():
+    # podman-compose 1.0 leaves `${VAR:-}` (an empty default) unexpanded, so the container sees the
+    # literal text; a default must be non-empty, or the key must have no value (pass-through).
+    def strings(node: object) -> list[str]:
+        if isinstance(node, dict):
+            return [s for k, v in node.items() for s in strings(k) + strings(v)]
+        if isinstance(node, list):
+            return [s for item in node for s in strings(item)]
+        return [node] if isinstance(node, str) else []
+
+    for text in strings(_compose()):
+        for reference in re.findall(r"\$\{[^}]*\}", text):
+            assert re.fullmatch(r"\$\{\w+:-[^}]+\}", reference), f"{reference} in {text!r}"
+
+
+def test_images_built_here_match_the_dockerfile_target():
+    services = _compose()["services"]
+    build = services["api"]["build"]
+    assert build["target"] == "cpu"
+    dockerfile = (DEPLOY / build["context"] / build["dockerfile"]).read_text()
+    assert re.search(r"^FROM \S+ AS cpu$", dockerfile, re.M)
+    assert services["api"]["image"].endswith("pae-stack:cpu}")
 
 
 def test_referenced_files_exist():

@@ -1,19 +1,21 @@
-"""deploy/stack.py, the local stack: its Prometheus config, pre-flight checks and process handling.
+"""deploy/stack.py, the local stack: its Prometheus config, pre-flight checks and state file.
 
-These run real redis-server and Prometheus processes (no service needed); the full stack with API
-replicas and workers is exercised by test_stack_live.py (slow).
+These run real redis-server and Prometheus processes (no service needed); how processes are started
+and stopped is tested with the launcher (tests/service/test_launcher.py), the full stack with API
+replicas and workers by test_stack_live.py (slow).
 """
 
 from __future__ import annotations
 
 import json
 import socket
-import time
 from dataclasses import replace
 
 import pytest
 import yaml
 
+from service.launcher import port_is_free, stop_process, wait_until_ready
+from service.redis_server import RedisServer
 from tests.deploy.helpers import DEPLOY, load_stack, tool
 
 stack = load_stack()
@@ -100,33 +102,20 @@ def test_preflight_requires_distinct_ports_and_a_model_repository(cfg):
         stack.preflight(cfg)
 
 
-def test_lifetime_bounds_every_process(tmp_path):
-    proc = stack.start_process("sleeper", ["sleep", "30"], tmp_path, lifetime_s=1, env={})
-    assert stack.is_alive(proc)
-    deadline = time.monotonic() + 10
-    while stack.is_alive(proc) and time.monotonic() < deadline:
-        stack.reap([proc])
-        time.sleep(0.1)
-    assert not stack.is_alive(proc), "timeout did not end the process after its lifetime"
-
-
 @needs_redis
 def test_redis_starts_answers_and_stops(cfg):
     cfg.run_dir.mkdir(parents=True)
-    redis = stack.start_process(
-        "redis", [tool("redis-server"), "--bind", "127.0.0.1", "--port", str(cfg.redis_port), "--save", ""],
-        cfg.run_dir, cfg.lifetime_s, {},
-    )  # fmt: skip
+    redis = RedisServer(cfg.redis_port, workdir=cfg.run_dir / "redis", lifetime_s=cfg.lifetime_s)
+    redis.start(timeout_s=20)
     try:
-        stack.wait_for_redis(cfg.redis_port, redis, timeout_s=20)
-        stack.save_state(cfg.run_dir, cfg, [redis])
-        assert stack.status(cfg.run_dir) == [("redis", redis.pid, True, 0)]
+        stack.save_state(cfg.run_dir, cfg, [redis.proc])
+        assert stack.status(cfg.run_dir) == [("redis", redis.proc.pid, True, 0)]
     finally:
         stopped = stack.down(cfg.run_dir)
     assert stopped == ["redis"]
-    assert not stack.is_alive(redis)
+    assert not redis.proc.alive()
     assert not (cfg.run_dir / stack.STATE_FILE).exists()
-    assert stack.port_is_free(cfg.redis_port)
+    assert port_is_free(cfg.redis_port)
 
 
 @needs_prometheus
@@ -137,7 +126,7 @@ def test_real_prometheus_loads_the_shipped_rules(cfg):
     config.write_text(yaml.safe_dump(stack.render_prometheus_config(_shipped(), cfg)))
     prom = stack.start_prometheus(tool("prometheus"), config, cfg)
     try:
-        stack.wait_until_ready([prom], timeout_s=60)
+        wait_until_ready([prom], timeout_s=60)
         status, body = stack.http_get(f"http://127.0.0.1:{cfg.prometheus_port}/api/v1/rules")
         assert status == 200
         loaded = {r["name"] for g in json.loads(body)["data"]["groups"] for r in g["rules"]}
@@ -147,13 +136,5 @@ def test_real_prometheus_loads_the_shipped_rules(cfg):
         with pytest.raises(stack.StackError, match="400"):
             stack.prometheus_query(cfg.prometheus_port, "sum(")
     finally:
-        stack.stop_processes([prom])
-    assert not stack.is_alive(prom)
-
-
-def test_wait_until_ready_reports_a_dead_process_with_its_log(tmp_path):
-    proc = stack.start_process("broken", ["sh", "-c", "echo model missing >&2; exit 3"], tmp_path, 30, {},
-                               probe="http://127.0.0.1:1/readyz")  # fmt: skip
-    with pytest.raises(stack.StackError, match="model missing"):
-        stack.wait_until_ready([proc], timeout_s=10)
-    stack.reap([proc])
+        stop_process(prom)
+    assert not prom.alive()

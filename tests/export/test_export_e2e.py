@@ -14,16 +14,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from export.checkpoint import load_checkpoint, preset_from_config
-from export.exporter import export_checkpoint
-from export.manifest import sha256_file, software_versions
+from export.exporter import export_checkpoint, software_versions
 from export.onnx_graphs import GRAPHS
 from export.parity import TOLERANCES_FP16, TOLERANCES_FP32, ParityError, Tolerance, errors, ort_session
-from export.repository import IntegrityError, verify_repository
+from export.repository import RepositoryError, verify_version
 from export.samples import parity_images
+from model.checkpoint import load_checkpoint, preset_from_config
 from model.flow import guided_velocity
+from model.hashing import sha256_file
 from model.presets import FASHION_MNIST_CLASSES
-from tests.export.conftest import tiny_preset
+from tests.model.checkpoints import tiny_preset
 
 GRAPH_FILES = [f"{g}.onnx" for g in GRAPHS] + [f"{g}.fp16.onnx" for g in GRAPHS]
 
@@ -84,7 +84,7 @@ def test_graphs_reproduce_torch_on_real_images(exported: Path, tiny_checkpoint: 
 
 
 def test_manifest_records_parity_hashes_and_versions(exported: Path, tiny_checkpoint: Path) -> None:
-    manifest = verify_repository(exported)
+    manifest = verify_version(exported)
     fp32, fp16 = manifest["parity"]["fp32"], manifest["parity"]["fp16"]
     for results, tolerances in ((fp32, TOLERANCES_FP32), (fp16, TOLERANCES_FP16)):
         assert {(r["graph"], r["batch"]) for r in results} == {(g, b) for g in GRAPHS for b in (1, 3)}
@@ -143,14 +143,14 @@ def test_config_and_torch_files(exported: Path, tiny_checkpoint: Path) -> None:
 
 def test_corrupted_graph_in_a_published_version_is_refused(exported: Path, tmp_path: Path) -> None:
     copy = shutil.copytree(exported, tmp_path / "tiny" / "1")
-    verify_repository(copy)
+    verify_version(copy)
     target = copy / "dit_cond.onnx"
     target.chmod(0o644)
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0x01
     target.write_bytes(bytes(data))
-    with pytest.raises(IntegrityError, match=r"sha256 of dit_cond\.onnx .* corrupted or was replaced"):
-        verify_repository(copy)
+    with pytest.raises(RepositoryError, match=r"dit_cond\.onnx sha256 .* corrupted or was replaced"):
+        verify_version(copy)
 
 
 def test_parity_failure_writes_nothing(tiny_checkpoint: Path, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import pytest
 from export.exporter import export_checkpoint
 from export.importer.release import Inputs, import_release
 from export.importer.synthetic import write_release_files
-from export.repository import IntegrityError, verify_repository
+from export.repository import RepositoryError, verify_version
 from model.sampling import RELEASE_SAMPLERS
 from tests.export.release_fixtures import small_preset, small_tables
 
@@ -36,7 +36,7 @@ def version(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_external_weight_files_are_listed_and_hashed(version: Path) -> None:
-    manifest = verify_repository(version)
+    manifest = verify_version(version)
     config = json.loads((version / "config.json").read_text())
     for graph in ("encoder", "decoder", "dit", "dit_cond"):
         data = config["graphs"][graph]["external_data"]
@@ -53,7 +53,6 @@ def test_the_release_sampler_presets_reach_the_repository(version: Path) -> None
 
 
 def test_a_tampered_weight_file_is_refused_at_load(version: Path, tmp_path: Path) -> None:
-    from service.repository import RepositoryError
     from service.runtimes.onnxruntime import OnnxRuntime
 
     copy = tmp_path / "release" / "1"
@@ -64,8 +63,8 @@ def test_a_tampered_weight_file_is_refused_at_load(version: Path, tmp_path: Path
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 2] ^= 0x01
     data.write_bytes(bytes(raw))
-    with pytest.raises(IntegrityError, match=r"dit\.onnx\.data"):
-        verify_repository(copy)
+    with pytest.raises(RepositoryError, match=r"dit\.onnx\.data"):
+        verify_version(copy)
     with pytest.raises(RepositoryError, match=r"dit\.onnx\.data"):
         OnnxRuntime(copy)
 

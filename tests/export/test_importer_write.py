@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from export.checkpoint import load_checkpoint
 from export.importer.cli import main
 from export.importer.release import Inputs, import_release
 from export.importer.synthetic import random_state, write_release_files
 from export.importer.vfm_folder import HF_PREFIX, to_v5
+from model.checkpoint import load_checkpoint
 from model.vfm.base import normalize_image
 from tests.export import official_reference as ref
 from tests.export.release_fixtures import small_preset, small_tables

@@ -15,9 +15,9 @@ import pytest
 
 from export.exporter import export_checkpoint
 from export.parity import ort_session
-from export.repository import verify_repository
+from export.repository import verify_version
 from model.presets import get_preset
-from tests.export.conftest import write_checkpoint
+from tests.model.checkpoints import random_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -42,10 +42,10 @@ def test_paper_shaped_graphs_export_with_dynamic_batch(tmp_path: Path) -> None:
     vfm = dataclasses.replace(base.pae.vfm, path=str(_tiny_dinov2(tmp_path / "dinov2")))
     pae = dataclasses.replace(base.pae, vfm=vfm, dam_depth=1, decoder_depth=1)
     preset = dataclasses.replace(base, pae=pae, dit=dataclasses.replace(base.dit, depth=1))
-    checkpoint = write_checkpoint(tmp_path / "ckpt", preset)
+    checkpoint = random_checkpoint(tmp_path / "ckpt", preset)
 
     out = export_checkpoint(checkpoint, tmp_path / "repo", batch_sizes=(1, 8, 32))
-    manifest = verify_repository(out)
+    manifest = verify_version(out)
     assert all(r["passed"] for r in manifest["parity"]["fp32"])
     config = json.loads((out / "config.json").read_text())
     assert config["image_size"] == 256 and config["latent_shape"] == [32, 16, 16]

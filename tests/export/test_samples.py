@@ -1,11 +1,9 @@
-"""Real parity inputs: the IDX reader, Fashion-MNIST as the loaders present it, and photos."""
+"""Real parity inputs: Fashion-MNIST as the loaders present it, and photos."""
 
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,29 +13,11 @@ from export.samples import (
     fashion_mnist_test,
     parity_images,
     photo_images,
-    read_idx,
 )
 
 needs_fmnist = pytest.mark.skipif(
     not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file(), reason="Fashion-MNIST not installed"
 )
-
-
-def test_read_idx_roundtrip_and_errors(tmp_path: Path) -> None:
-    data = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
-    header = bytes([0, 0, 8, 3]) + b"".join(int(d).to_bytes(4, "big") for d in data.shape)
-    path = tmp_path / "x-idx3-ubyte.gz"
-    with gzip.open(path, "wb") as fh:
-        fh.write(header + data.tobytes())
-    np.testing.assert_array_equal(read_idx(path), data)
-
-    plain = tmp_path / "short-idx3-ubyte"
-    plain.write_bytes(header + data.tobytes()[:-1])
-    with pytest.raises(ValueError, match=r"header promises 24 bytes of data, file holds 23"):
-        read_idx(plain)
-    plain.write_bytes(b"\x01\x02\x08\x01")
-    with pytest.raises(ValueError, match=r"bad magic"):
-        read_idx(plain)
 
 
 def test_missing_fashion_mnist_is_a_clear_error(tmp_path: Path) -> None:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from service.embedded import EmbeddedRedis, WorkerThread
+from service.embedded import WorkerThread
+from service.redis_server import RedisServer
 from tests.service.conftest import LiveServer, make_settings
 
 CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "fmnist32-tiny"
@@ -24,7 +25,7 @@ def default_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def default_live(default_repository: Path) -> Iterator[LiveServer]:
-    store = EmbeddedRedis()
+    store = RedisServer()
     url = store.start()
     settings = make_settings(default_repository, url, model_name="fmnist32-tiny", max_steps=250)
     worker = WorkerThread(settings, url)

@@ -11,7 +11,8 @@ from pathlib import Path
 import httpx
 
 from export.cli import main as export_main
-from service.embedded import EmbeddedRedis, WorkerThread
+from service.embedded import WorkerThread
+from service.redis_server import RedisServer
 from tests.golden.cases import CASES, GOLDEN_DIR, encode_input, golden_name
 from tests.golden.conftest import CHECKPOINT
 from tests.service.conftest import LiveServer, make_settings
@@ -21,7 +22,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         repository = Path(tmp)
         assert export_main(["--checkpoint", str(CHECKPOINT), "--repository", str(repository)]) == 0
-        store = EmbeddedRedis()
+        store = RedisServer()
         url = store.start()
         settings = make_settings(repository, url, model_name="fmnist32-tiny", max_steps=250)
         worker = WorkerThread(settings, url)

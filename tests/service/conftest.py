@@ -23,28 +23,32 @@ import torch
 import uvicorn
 from prometheus_client import REGISTRY
 
+from export import tiny_repository as tiny
+from service.api.server import PROTOCOL
 from service.app import create_app
-from service.embedded import EmbeddedRedis, WorkerThread, free_port
+from service.embedded import WorkerThread
+from service.launcher import free_port
+from service.redis_server import RedisServer
 from service.settings import Settings
-from tests.service.tiny_repo import build_tiny_repository
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
 def tiny_repository(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model repository, exported once and reused (through pytest's cache) while tiny_repo.py
-    and torch are unchanged; without the cache plugin it is exported into a temporary folder."""
-    source = Path(__file__).with_name("tiny_repo.py").read_bytes()
+    """The tiny model repository, exported once and reused (through pytest's cache) while
+    export/tiny_repository.py and torch are unchanged; without the cache plugin it is exported into a
+    temporary folder."""
+    source = Path(tiny.__file__).read_bytes()
     key = hashlib.sha256(source + torch.__version__.encode()).hexdigest()[:16]
     cache = getattr(request.config, "cache", None)
     if cache is None:
-        return build_tiny_repository(tmp_path_factory.mktemp("tiny-repo")).parents[1]
+        return tiny.build_tiny_repository(tmp_path_factory.mktemp("tiny-repo")).parents[1]
     root = Path(cache.mkdir(f"pae-service-tiny-{key}"))
     if not (root / "tiny" / "1" / "manifest.json").is_file():
         staging = root.with_name(root.name + ".staging")
         shutil.rmtree(staging, ignore_errors=True)
-        build_tiny_repository(staging)
+        tiny.build_tiny_repository(staging)
         shutil.rmtree(root)
         staging.rename(root)
     return root
@@ -53,7 +57,7 @@ def tiny_repository(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
     """A real redis-server on a free port for this test module, stopped afterwards."""
-    server = EmbeddedRedis()
+    server = RedisServer()
     url = server.start()
     yield url
     server.stop()
@@ -95,7 +99,12 @@ class LiveServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(
-            create_app(settings), host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+            create_app(settings),
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="on",
+            http=PROTOCOL,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -115,12 +124,11 @@ class LiveServer:
 
 
 class RestartableStack:
-    """Its own embedded redis-server on a fixed port, one worker and one live API server, for tests
-    that stop Redis under the service and bring it back (empty) on the same address."""
+    """Its own redis-server, one worker and one live API server, for tests that stop Redis under the
+    service and bring it back (empty) on the same address."""
 
     def __init__(self, repository: Path, **overrides: object) -> None:
-        self.port = free_port()
-        self.store = EmbeddedRedis(port=self.port)
+        self.store = RedisServer()
         url = self.store.start()
         settings = make_settings(repository, url, **overrides)
         self.worker = WorkerThread(settings, url)
@@ -128,7 +136,6 @@ class RestartableStack:
 
     def restart_redis(self) -> None:
         """Start a fresh redis-server where the stopped one was."""
-        self.store = EmbeddedRedis(port=self.port)
         self.store.start()
 
     def __enter__(self) -> RestartableStack:

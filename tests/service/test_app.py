@@ -243,7 +243,7 @@ BAD_INPUTS = [
         "generate",
         {"json": {"class_label": 0}, "headers": {"X-Request-Timeout": "soon"}},
         422,
-        "X-Request-Timeout",
+        "x-request-timeout",
     ),
     (
         "png for many images",
@@ -312,7 +312,7 @@ def test_models_probes_and_openapi(live) -> None:
 
 
 def test_not_ready_without_a_worker_and_503_without_redis(live, tiny_repository: Path) -> None:
-    from service.embedded import free_port
+    from service.launcher import free_port
     from tests.service.conftest import LiveServer, make_settings
 
     server, _ = live(worker=False)

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -16,14 +12,14 @@ import pytest
 import redis
 
 from service.cli import ensure_default_model
-from service.embedded import WorkerThread, free_port
+from service.embedded import WorkerThread
+from service.launcher import free_port, start_api, stop_process, wait_until_ready
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_embedded_serve_is_ready_and_cleans_up(tiny_repository: Path) -> None:
-    port = free_port()
+def test_embedded_serve_is_ready_and_cleans_up(tiny_repository: Path, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     env.update(
         {
@@ -33,32 +29,17 @@ def test_embedded_serve_is_ready_and_cleans_up(tiny_repository: Path) -> None:
             "ORT_INTRA_OP_THREADS": "1",
         }
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from service.cli import serve_main; serve_main()", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    start = time.monotonic()
+    port = free_port()
+    proc = start_api("api", port, log=tmp_path / "api.log", base_env=env, cwd=ROOT, lifetime_s=300)
     try:
-        while True:
-            assert proc.poll() is None, proc.stderr.read()[-2000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() - start < 60, "not ready within 60 s"
-            time.sleep(0.1)
+        wait_until_ready([proc], timeout_s=60)
         made = httpx.post(
             f"http://127.0.0.1:{port}/v1/generate", json={"class_label": "stripe", "seed": 1}, timeout=30
         )
         assert made.status_code == 200 and made.json()["images"][0]["class_name"] == "stripe"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        _, log = proc.communicate(timeout=20)
+        stop_process(proc, grace_s=20)
+    log = (tmp_path / "api.log").read_text()
     assert proc.returncode == 0, log[-2000:]
     url = re.search(r"embedded mode: redis at (\S+)", log).group(1)
     with pytest.raises(redis.ConnectionError):

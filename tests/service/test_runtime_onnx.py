@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from export.repository import ModelConfig, RepositoryError, resolve_version_dir
+from export.tiny_repository import LATENT_MEAN, LATENT_STD, NULL_CLASS, tiny_modules, write_manifest
 from model.flow import TorchNetworks
 from model.sampling import SamplerConfig, generate
-from service.repository import ModelConfig, RepositoryError, resolve_version_dir
 from service.runtimes.base import Runtime
 from service.runtimes.onnxruntime import OnnxRuntime, ProviderUnavailable
-from tests.service.tiny_repo import LATENT_MEAN, LATENT_STD, NULL_CLASS, tiny_modules, write_manifest
 
 
 @pytest.fixture(scope="module")
@@ -97,10 +97,27 @@ def test_unlisted_or_missing_manifest_is_refused(repo_copy: Path) -> None:
     manifest = json.loads((repo_copy / "manifest.json").read_text())
     del manifest["files"]["dit.onnx"]
     (repo_copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(RepositoryError, match=r"dit\.onnx is not listed"):
+    with pytest.raises(RepositoryError, match=r"not listed in the manifest: dit\.onnx"):
         OnnxRuntime(repo_copy)
     (repo_copy / "manifest.json").unlink()
     with pytest.raises(RepositoryError, match=r"manifest\.json is missing"):
+        OnnxRuntime(repo_copy)
+
+
+def test_a_file_the_manifest_does_not_list_is_refused(repo_copy: Path) -> None:
+    # Not one of the graphs the runtime loads, but a version holding unverified files is refused whole.
+    (repo_copy / "encoder.fp16.onnx").write_bytes((repo_copy / "encoder.onnx").read_bytes())
+    with pytest.raises(RepositoryError, match=r"not listed in the manifest: encoder\.fp16\.onnx"):
+        OnnxRuntime(repo_copy)
+
+
+def test_a_manifest_path_outside_the_version_is_refused(repo_copy: Path) -> None:
+    outside = repo_copy.parent / "stray.onnx"
+    outside.write_bytes(b"x")
+    manifest = json.loads((repo_copy / "manifest.json").read_text())
+    manifest["files"]["../stray.onnx"] = {"sha256": "0" * 64, "bytes": 1}
+    (repo_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RepositoryError, match=r"'\.\./stray\.onnx' points outside the version folder"):
         OnnxRuntime(repo_copy)
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from export.tiny_repository import write_manifest
 from model.sampling import SamplerConfig
 from service.runtimes.onnxruntime import OnnxRuntime, ProviderUnavailable
 from service.runtimes.tensorrt import TensorRTRuntime, import_tensorrt
-from tests.service.tiny_repo import write_manifest
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 

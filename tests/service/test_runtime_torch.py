@@ -7,23 +7,22 @@ The weights are freshly initialised (training is not this package's job); what i
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
+from export.repository import RepositoryError, write_json
+from export.tiny_repository import write_manifest
+from model.checkpoint import write_checkpoint
 from model.lightningdit import LightningDiT
 from model.pae import PAE
 from model.presets import get_preset
 from model.sampling import SamplerConfig
 from model.vfm import build_vfm
-from service.repository import RepositoryError
 from service.runtimes.base import Runtime
 from service.runtimes.torch import TorchRuntime
-from tests.service.tiny_repo import write_manifest
 
 
 @pytest.fixture(scope="module")
@@ -31,18 +30,9 @@ def version_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     preset = get_preset("fmnist32-tiny")
     out = tmp_path_factory.mktemp("repo") / "fmnist32-tiny" / "1"
-    (out / "torch").mkdir(parents=True)
-    pae = PAE(preset.pae, build_vfm(preset.pae.vfm))
-    dit = LightningDiT(preset.dit)
-    save_file(
-        {k: v.contiguous() for k, v in pae.state_dict().items()}, str(out / "torch" / "pae.safetensors")
-    )
-    save_file(
-        {k: v.contiguous() for k, v in dit.state_dict().items()}, str(out / "torch" / "dit_ema.safetensors")
-    )
-    sections = {key: dataclasses.asdict(getattr(preset, key)) for key in ("pae", "dit", "sampler")}
-    (out / "torch" / "config.json").write_text(json.dumps({"preset": preset.name, **sections}))
     d = preset.pae.latent_dim
+    pae, dit = PAE(preset.pae, build_vfm(preset.pae.vfm)), LightningDiT(preset.dit)
+    write_checkpoint(out / "torch", preset, pae, dit, torch.zeros(d), torch.ones(d), ema=False)
     config = {
         "image_size": preset.pae.image_size,
         "latent_shape": list(preset.pae.latent_shape),
@@ -51,7 +41,7 @@ def version_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "class_names": list(preset.class_names),
         "sampler": dataclasses.asdict(preset.sampler),
     }
-    (out / "config.json").write_text(json.dumps(config))
+    write_json(out / "config.json", config)
     write_manifest(out)
     return out
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,9 +22,10 @@ import numpy as np
 import pytest
 import redis
 
+from export.repository import RepositoryError, resolve_version_dir
 from service.broker import Keys
-from service.embedded import WorkerThread, find_redis_server, free_port
-from service.repository import RepositoryError, resolve_version_dir
+from service.embedded import WorkerThread
+from service.redis_server import RedisServer
 from service.settings import Settings, SettingsError
 from tests.service.conftest import LiveServer, client, make_settings
 from tests.service.payloads import image_bytes, latent_json
@@ -60,7 +59,7 @@ def valid_call(path: str, method: str) -> dict:
     if path == "/v1/encode":
         return {"content": image_bytes(16, 16), "headers": {"Content-Type": "image/png"}}
     if path == "/v1/decode":
-        return {"json": latent_json(np.zeros((4, 4, 4), np.float32))}
+        return {"json": latent_json(np.ones((4, 4, 4), np.float32))}
     if path == "/v1/generate":
         return {"json": {"class_label": 0, "steps": 1}}
     return {}
@@ -130,49 +129,21 @@ def test_odd_authorization_headers_are_401(keyed: LiveServer, value: bytes) -> N
     assert response.status_code == 401, (value[:40], response.status_code, response.text[:200])
 
 
-class PasswordRedis:
-    """A redis-server that requires a password (`requirepass`)."""
-
-    def __init__(self, password: str) -> None:
-        self.port = free_port()
-        self.password = password
-        self.process = subprocess.Popen(
-            [
-                *(find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""),
-                *("--appendonly", "no", "--requirepass", password),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        probe = redis.Redis(port=self.port, password=password, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                probe.ping()
-                break
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline, "redis-server with a password did not start"
-                time.sleep(0.05)
-        probe.close()
-
-    def url(self, password: str | None) -> str:
-        auth = f":{password}@" if password is not None else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
+def password_url(store: RedisServer, password: str | None) -> str:
+    auth = f":{password}@" if password is not None else ""
+    return f"redis://{auth}127.0.0.1:{store.port}/0"
 
 
 def test_redis_auth_works_and_a_wrong_password_is_a_clean_503(tiny_repository: Path) -> None:
     secret = "redis-secret-Zq8vT2"
-    store = PasswordRedis(secret)
+    store = RedisServer(password=secret)
+    store.start()
     try:
         with pytest.raises(redis.AuthenticationError):  # the server really requires it
-            redis.Redis.from_url(store.url(None)).ping()
-        good = make_settings(tiny_repository, store.url(secret), redis_pool_timeout_s=1.0)
+            redis.Redis.from_url(password_url(store, None)).ping()
+        good = make_settings(tiny_repository, password_url(store, secret), redis_pool_timeout_s=1.0)
         assert secret not in repr(good) and KEY not in repr(make_settings(tiny_repository, None, api_key=KEY))
-        worker = WorkerThread(good, store.url(secret))
+        worker = WorkerThread(good, password_url(store, secret))
         worker.start()
         try:
             with LiveServer(good) as server, client(server) as http:
@@ -180,7 +151,7 @@ def test_redis_auth_works_and_a_wrong_password_is_a_clean_503(tiny_repository: P
                 assert made.status_code == 200 and made.json()["images"][0]["seed"] == 4
                 assert http.get("/readyz").json()["workers"] == 1
             for wrong in ("not-the-password", None):
-                bad = make_settings(tiny_repository, store.url(wrong), redis_pool_timeout_s=1.0)
+                bad = make_settings(tiny_repository, password_url(store, wrong), redis_pool_timeout_s=1.0)
                 with LiveServer(bad) as server, client(server) as http:
                     refused = http.post("/v1/generate", json={"class_label": 1, "steps": 2})
                     assert refused.status_code == 503, refused.text

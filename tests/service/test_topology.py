@@ -11,8 +11,6 @@ import io
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,23 +23,13 @@ from PIL import Image
 from model.sampling import SamplerConfig
 from service.broker import GROUP, Keys
 from service.codecs import decode_image, to_uint8
-from service.embedded import free_port
+from service.launcher import Proc, free_port, start_api, start_worker, stop_process, stop_processes
 from service.runtimes.onnxruntime import OnnxRuntime
 from tests.service.payloads import image_bytes, latent_json
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 60
 REQUESTS = 200
-
-
-def spawn(code: str, env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-c", code, *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
 
 
 def metric_total(text: str, name: str, task: str) -> float:
@@ -56,7 +44,9 @@ def pixels(png_b64: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(png_b64))).convert("RGB")).transpose(2, 0, 1)
 
 
-def test_two_replicas_two_workers_survive_a_killed_worker(tiny_repository: Path, clean_redis: str) -> None:
+def test_two_replicas_two_workers_survive_a_killed_worker(
+    tiny_repository: Path, clean_redis: str, tmp_path: Path
+) -> None:
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -74,25 +64,15 @@ def test_two_replicas_two_workers_survive_a_killed_worker(tiny_repository: Path,
     }
     api_ports = [free_port(), free_port()]
     metric_ports = [free_port(), free_port()]
+    options = {"base_env": env, "cwd": ROOT, "lifetime_s": 600}
+    quiet = ["--log-level", "warning"]
     processes = [
-        spawn(
-            "from service.cli import serve_main; serve_main()",
-            env,
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        )
-        for port in api_ports
+        start_api(f"api{i}", port, quiet, log=tmp_path / f"api{i}.log", **options)
+        for i, port in enumerate(api_ports)
     ]
     workers = [
-        spawn(
-            "from service.cli import worker_main; worker_main()",
-            {**env, "WORKER_METRICS_PORT": str(port)},
-            "--log-level",
-            "warning",
-        )
-        for port in metric_ports
+        start_worker(f"worker{i}", port, quiet, log=tmp_path / f"worker{i}.log", **options)
+        for i, port in enumerate(metric_ports)
     ]
     processes += workers
     runtime = OnnxRuntime(tiny_repository / "tiny" / "1", intra_op_threads=1)
@@ -111,23 +91,15 @@ def test_two_replicas_two_workers_survive_a_killed_worker(tiny_repository: Path,
         }
         assert any(total > count > 0 for total, count in sizes.values()), f"no batch larger than 1: {sizes}"
     finally:
-        for proc in processes:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in processes:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(processes)
 
 
-def _wait_ready(api_ports: list[int], processes: list[subprocess.Popen[bytes]]) -> None:
+def _wait_ready(api_ports: list[int], processes: list[Proc]) -> None:
     deadline = time.monotonic() + 90
     while True:
         for proc in processes:
-            if proc.poll() is not None:
-                raise AssertionError(f"a process exited early: {proc.stderr.read().decode()[-2000:]}")
+            if not proc.alive():
+                raise AssertionError(f"{proc.name} exited early: {proc.log_tail(40)}")
         try:
             states = [httpx.get(f"http://127.0.0.1:{p}/v1/models", timeout=2).json() for p in api_ports]
             if all(s["models"][0]["ready"] and len(s["models"][0]["workers"]) == 2 for s in states):
@@ -138,9 +110,7 @@ def _wait_ready(api_ports: list[int], processes: list[subprocess.Popen[bytes]]) 
         time.sleep(0.2)
 
 
-async def _traffic(
-    api_ports: list[int], workers: list[subprocess.Popen[bytes]], url: str, runtime: OnnxRuntime
-) -> None:
+async def _traffic(api_ports: list[int], workers: list[Proc], url: str, runtime: OnnxRuntime) -> None:
     rng = random.Random(0)
     kinds = [("encode", "decode", "generate")[i % 3] for i in range(REQUESTS)]
     rng.shuffle(kinds)
@@ -197,19 +167,18 @@ async def _traffic(
             assert np.array_equal(pixels(body["images"][0]["png"]), reference[i]), f"generate {i} mismatch"
 
 
-def _kill_mid_batch(worker: subprocess.Popen[bytes], url: str) -> None:
+def _kill_mid_batch(worker: Proc, url: str) -> None:
     """SIGKILL `worker` while it holds unacknowledged generate jobs (a batch in flight)."""
     client = redis.Redis.from_url(url)
     stream = Keys.for_model("tiny", "1").jobs("generate")
-    marker = f"-{worker.pid}-"
+    marker = f"-{worker.program_pid}-"
     deadline = time.monotonic() + 30
     try:
         while time.monotonic() < deadline:
             consumers = client.xinfo_consumers(stream, GROUP)
             mine = [c for c in consumers if marker in c["name"].decode() and c["pending"] > 0]
             if mine:
-                worker.send_signal(signal.SIGKILL)
-                worker.wait()
+                stop_process(worker, signal.SIGKILL)
                 return
             time.sleep(0.005)
         pytest.fail("the worker never held a generate batch to kill")

@@ -1,4 +1,4 @@
-"""Worker batching and delivery details found by the load and fault campaign (issue 8).
+"""Worker batching and delivery details that only show under load and faults.
 
 - Redis times out a blocked XREADGROUP only on its `hz` tick (100 ms by default), so the batch-fill
   wait must not be a `BLOCK <max_wait_ms>`: it made a 5 ms wait cost up to 100 ms per request.
@@ -17,7 +17,7 @@ import pytest
 
 from service.broker import now_ms
 from service.codecs import to_uint8
-from service.embedded import EmbeddedRedis, free_port
+from service.redis_server import RedisServer
 from service.runtimes.onnxruntime import OnnxRuntime
 from tests.service.conftest import sample
 from tests.service.test_broker import Harness, latent_payload
@@ -121,20 +121,18 @@ class SlowDecode:
 def test_replies_computed_during_a_redis_outage_are_delivered(
     tiny_repository: Path, runtime: OnnxRuntime
 ) -> None:
-    port = free_port()
-    store = EmbeddedRedis(port=port)
+    store = RedisServer()
     url = store.start()
     payload = latent_payload(7)
 
     async def scenario() -> bytes:
-        nonlocal store
         async with Harness(url, tiny_repository, SlowDecode(runtime, 0.8), redis_pool_timeout_s=1.0) as h:
             await h.start_worker()
             waiting = asyncio.create_task(h.client.submit("decode", [payload], now_ms() + 20_000))
             await asyncio.sleep(0.3)  # the worker is computing
             await asyncio.to_thread(store.stop)
             await asyncio.sleep(1.0)  # the batch finishes while Redis is down: answering fails
-            store = EmbeddedRedis(port=port)  # back, empty: the reply goes to a fresh reply stream
+            # Back at the same address, empty: the reply goes to a fresh reply stream.
             await asyncio.to_thread(store.start)
             replies = await asyncio.wait_for(waiting, 15)
             return replies[0].data

@@ -1,21 +1,20 @@
-"""Datasets: Fashion-MNIST IDX loading and validation, MNIST-5k, ImageFolder + ADM crop, flips."""
+"""Datasets: Fashion-MNIST loading and validation, MNIST-5k, ImageFolder + ADM crop, flips."""
 
 from __future__ import annotations
 
-import gzip
 import importlib.util
 import json
 import os
-import struct
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from model.idx import IDXFormatError
+from tests.model.test_idx import write_idx
 from training.data import (
     FASHION_MNIST_DIR,
-    IDXFormatError,
     ImageFolder,
     LabeledImages,
     RandomHFlip,
@@ -23,18 +22,10 @@ from training.data import (
     adm_center_crop,
     build_dataset,
     load_fashion_mnist,
-    read_idx,
 )
 
 HAVE_FMNIST = os.path.isfile(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz"))
 needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="Debian dataset-fashion-mnist not installed")
-
-
-def _write_idx(path: str, array: np.ndarray, magic: bytes | None = None) -> None:
-    header = magic if magic is not None else bytes([0, 0, 0x08, array.ndim])
-    payload = header + struct.pack(f">{array.ndim}I", *array.shape) + array.astype(np.uint8).tobytes()
-    with gzip.open(path, "wb") as fh:
-        fh.write(payload)
 
 
 @needs_fmnist
@@ -55,43 +46,10 @@ def test_fashion_mnist_sizes_labels_and_range(split: str, count: int) -> None:
     assert int(ds.labels[0]) == 9  # the first image of both official files is an ankle boot
 
 
-def test_idx_roundtrip_and_validation(tmp_path) -> None:
-    good = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
-    path = str(tmp_path / "good.gz")
-    _write_idx(path, good)
-    np.testing.assert_array_equal(read_idx(path, (None, 3, 4)), good)
-    with pytest.raises(IDXFormatError, match=r"good\.gz: dimension 1 is 3, expected 28"):
-        read_idx(path, (None, 28, 28))
-    with pytest.raises(IDXFormatError, match=r"good\.gz: IDX has 3 dimensions, expected 1"):
-        read_idx(path, (None,))
-
-    bad_magic = str(tmp_path / "magic.gz")
-    _write_idx(bad_magic, good, magic=bytes([1, 2, 0x08, 3]))
-    with pytest.raises(IDXFormatError, match=r"magic\.gz: bad IDX magic"):
-        read_idx(bad_magic, (None, 3, 4))
-
-    wrong_type = str(tmp_path / "type.gz")
-    _write_idx(wrong_type, good, magic=bytes([0, 0, 0x0D, 3]))
-    with pytest.raises(IDXFormatError, match=r"type\.gz: IDX type code 0x0d"):
-        read_idx(wrong_type, (None, 3, 4))
-
-    truncated = str(tmp_path / "short.gz")
-    with gzip.open(truncated, "wb") as fh:
-        fh.write(bytes([0, 0, 8, 3]) + struct.pack(">3I", 2, 3, 4) + b"\x00" * 5)
-    with pytest.raises(IDXFormatError, match=r"short\.gz: payload is 5 bytes, expected 24"):
-        read_idx(truncated, (None, 3, 4))
-
-    not_gzip = str(tmp_path / "garbage.gz")
-    with open(not_gzip, "wb") as fh:
-        fh.write(b"this is not gzip at all")
-    with pytest.raises(IDXFormatError, match=r"garbage\.gz"):
-        read_idx(not_gzip, (None, 3, 4))
-
-
 def test_corrupt_fashion_mnist_file_is_named(tmp_path) -> None:
     images = np.zeros((10000, 28, 28), dtype=np.uint8)
-    _write_idx(str(tmp_path / "t10k-images-idx3-ubyte.gz"), images)
-    _write_idx(str(tmp_path / "t10k-labels-idx1-ubyte.gz"), np.zeros(9999, dtype=np.uint8))
+    write_idx(str(tmp_path / "t10k-images-idx3-ubyte.gz"), images)
+    write_idx(str(tmp_path / "t10k-labels-idx1-ubyte.gz"), np.zeros(9999, dtype=np.uint8))
     with pytest.raises(
         IDXFormatError, match=r"t10k-labels-idx1-ubyte\.gz: dimension 0 is 9999, expected 10000"
     ):

@@ -1,7 +1,8 @@
-"""Two-process DDP (torchrun, gloo on CPU): tokenizer and DiT training keep every rank's weights equal.
+"""Two-process DDP (torchrun, gloo on CPU): tokenizer and generator training keep every rank's weights
+equal.
 
 The test launches this file under `torch.distributed.run`; as a script it runs refine → tokenizer →
-latents → dit on a tiny config with both ranks training, and each rank writes a sha256 of its own
+latents → generator on a tiny config with both ranks training, and each rank writes a sha256 of its own
 weights, EMA and optimiser state. Equal hashes mean DDP averaged the gradients every step (the ranks
 see different batches, so without it they would diverge at the first step).
 """
@@ -28,10 +29,10 @@ SETS = [
     "tokenizer.warmup_steps=1",
     "tokenizer.gan_start_step=1",
     "tokenizer.disc_start_step=0",
-    "dit.steps=3",
-    "dit.batch_size=8",
-    "dit.sample_every=100",
-    "dit_arch.depth=1",
+    "generator.steps=3",
+    "generator.batch_size=8",
+    "generator.sample_every=100",
+    "dit.depth=1",
 ]
 
 
@@ -59,7 +60,7 @@ def _trainables_digest(trainables: object) -> str:
 def worker(out: str, csv: str, cache: str) -> None:
     """One rank of the torchrun job (see module docstring)."""
     from training.distributed import cleanup, init_distributed
-    from training.stages import dit, tokenizer
+    from training.stages import generator, tokenizer
     from training.stages.context import resolve_context
     from training.stages.overrides import parse_sets
     from training.stages.pipeline import run_stage
@@ -80,8 +81,7 @@ def worker(out: str, csv: str, cache: str) -> None:
     hashes["tokenizer"] = _trainables_digest(trained)
     hashes["tokenizer_world_size"] = record["world_size"]
     run_stage(ctx("latents"), "latents")
-    dit_ctx = ctx("dit")
-    record, trained = dit.fit(dit_ctx)
+    record, trained = generator.fit(ctx("generator"))
     hashes["dit"] = _trainables_digest(trained)
     hashes["dit_world_size"] = record["world_size"]
     Path(out, f"hashes_rank{env.rank}.json").write_text(json.dumps(hashes))

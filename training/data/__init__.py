@@ -11,7 +11,6 @@ from training.data.grey_digits import (
     load_mnist5k,
     mnist5k_csv_path,
 )
-from training.data.idx import IDXFormatError, read_idx
 from training.data.image_folder import ImageFolder, read_class_index
 from training.data.transforms import adm_center_crop, grey_to_rgb_padded, hflip, pil_to_tensor
 
@@ -21,7 +20,6 @@ __all__ = [
     "FASHION_MNIST_DIR",
     "FLIP_MODES",
     "GreyDigits",
-    "IDXFormatError",
     "ImageFolder",
     "LabeledImages",
     "RandomHFlip",
@@ -35,5 +33,4 @@ __all__ = [
     "mnist5k_csv_path",
     "pil_to_tensor",
     "read_class_index",
-    "read_idx",
 ]

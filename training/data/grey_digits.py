@@ -13,9 +13,9 @@ import os
 import numpy as np
 import torch
 
+from model.idx import IDXFormatError, read_idx
 from model.presets import FASHION_MNIST_CLASSES
 from training.data.base import LabeledImages
-from training.data.idx import IDXFormatError, read_idx
 from training.data.transforms import grey_to_rgb_padded
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"

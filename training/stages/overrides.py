@@ -117,16 +117,3 @@ def apply_overrides(config: Any, overrides: Mapping[str, str], what: str) -> Any
     for head, sub in nested.items():
         direct[head] = apply_overrides(getattr(config, head), sub, f"{what}.{head}")
     return dataclasses.replace(config, **direct)
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Dataclasses, tuples and paths as plain JSON values (for config.json)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, str | int | float | bool) or obj is None:
-        return obj
-    return str(obj)

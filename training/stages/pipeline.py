@@ -1,10 +1,11 @@
 """Running stages: skip-if-done bookkeeping for one stage, and `all` (refine → tokenizer → latents →
-dit → eval) finishing with the shipped checkpoint layout of docs/INTERFACES.md.
+generator → evaluate) finishing with the shipped checkpoint layout of docs/INTERFACES.md.
 
 A stage is skipped when config.json records it finished with the same settings and inputs;
-`--force` reruns it from scratch (its resume state is discarded). `all` then copies the last DiT
-sample grid to `samples.png`, writes `MODEL_CARD.md`, and, unless asked to keep it, removes the
-resume state (optimiser moments and live weights), which is what keeps the directory small.
+`--force` reruns it from scratch (its resume state is discarded). `all` then copies the last
+generator sample grid to `samples.png`, writes `MODEL_CARD.md` (keeping the hand-written notes of
+the card it replaces), and, unless asked to keep it, removes the resume state (optimiser moments
+and live weights), which is what keeps the directory small.
 """
 
 from __future__ import annotations
@@ -19,35 +20,42 @@ from typing import Any
 
 from safetensors import safe_open
 
-from training.checkpoint import RESUME_DIR, read_json, resume_dir
-from training.distributed import barrier
-from training.stages import dit, eval, latents, refine, tokenizer
-from training.stages.assets import (
+from model.checkpoint import (
     CLASSIFIER_FILE,
+    CONFIG_FILE,
     DIT_EMA_FILE,
+    LATENT_STATS_FILE,
+    METRICS_FILE,
     PAE_EMA_FILE,
     PAE_FILE,
-    STATS_FILE,
+    read_json,
 )
-from training.stages.context import CONFIG_FILE, METRICS_FILE, STAGES, StageContext
+from training.checkpoint import RESUME_DIR, resume_dir
+from training.distributed import barrier
+from training.stages import evaluate, generator, latents, refine, tokenizer
+from training.stages.context import STAGES, StageContext
 
+MODEL_CARD_FILE = "MODEL_CARD.md"
+# Everything from this heading on is written by people (how the recipe was chosen, what was measured
+# on the way); `all` regenerates the card above it and carries this part over.
+NOTES_HEADING = "## Notes"
 RUNNERS: dict[str, Callable[[StageContext], dict[str, Any]]] = {
     "refine": refine.run,
     "tokenizer": tokenizer.run,
     "latents": latents.run,
-    "dit": dit.run,
-    "eval": eval.run,
+    "generator": generator.run,
+    "evaluate": evaluate.run,
 }
 SHIPPED = (
     CONFIG_FILE,
     PAE_FILE,
     PAE_EMA_FILE,
     DIT_EMA_FILE,
-    STATS_FILE,
+    LATENT_STATS_FILE,
     CLASSIFIER_FILE,
     METRICS_FILE,
     "samples.png",
-    "MODEL_CARD.md",
+    MODEL_CARD_FILE,
 )
 SIZE_LIMIT_MB = 20.0
 
@@ -92,13 +100,15 @@ def run_all(ctx: StageContext, keep_resume: bool = False) -> dict[str, dict[str,
         if not records[stage].get("finished"):
             return records
     if ctx.env.is_main:
-        grid = Path(records["dit"].get("samples", ""))
+        grid = Path(records["generator"].get("samples", ""))
         if grid.is_file():
             shutil.copyfile(grid, ctx.out / "samples.png")
         if not keep_resume:
             shutil.rmtree(ctx.out / RESUME_DIR, ignore_errors=True)
             shutil.rmtree(ctx.out / "samples", ignore_errors=True)
-        (ctx.out / "MODEL_CARD.md").write_text(model_card(ctx))
+        card = ctx.out / MODEL_CARD_FILE
+        notes = kept_notes(card.read_text()) if card.is_file() else ""
+        card.write_text(model_card(ctx) + notes)
         size = directory_mb(ctx.out)
         missing = [name for name in SHIPPED if not (ctx.out / name).is_file()]
         if missing:
@@ -137,7 +147,7 @@ def model_card(ctx: StageContext) -> str:
     """A Markdown model card from config.json and metrics.json (numbers are copied, never typed)."""
     config = read_json(ctx.out / CONFIG_FILE)
     metrics = read_json(ctx.out / METRICS_FILE) if (ctx.out / METRICS_FILE).is_file() else {}
-    p = ctx.preset
+    p, tok = ctx.preset, ctx.recipe.tokenizer
     recon, latent, gen = (metrics.get(k, {}) for k in ("recon", "latent", "gen"))
     walls = metrics.get("wall_s", {})
     stages = config.get("stages", {})
@@ -173,11 +183,10 @@ def model_card(ctx: StageContext) -> str:
         lines.append(f"| {stage} | {_fmt(rec.get('steps'))} | {_fmt(walls.get(stage), 5)} |")
     lines += [
         "",
-        f"Tokenizer loss weights: L1 {p.tokenizer_train.l1_weight}, LPIPS {p.tokenizer_train.lpips_weight}, "
-        f"GAN {p.tokenizer_train.gan_weight}, SSR {p.tokenizer_train.ssr_weight}, "
-        f"MCR {p.tokenizer_train.mcr_weight}, SCR {p.tokenizer_train.scr_weight}. Full configs: `config.json`.",
+        f"Tokenizer loss weights: L1 {tok.l1_weight}, LPIPS {tok.lpips_weight}, GAN {tok.gan_weight}, "
+        f"SSR {tok.ssr_weight}, MCR {tok.mcr_weight}, SCR {tok.scr_weight}. Full configs: `config.json`.",
         "",
-        f"## Evaluation ({recon.get('split', ctx.eval.split)} split)",
+        f"## Evaluation ({recon.get('split', ctx.recipe.evaluate.split)} split)",
         "| metric | value | notes |",
         "|---|---|---|",
         f"| recon.psnr (dB) | {_fmt(recon.get('psnr'))} | {_fmt(recon.get('num_samples'))} images |",
@@ -202,6 +211,12 @@ def model_card(ctx: StageContext) -> str:
         "Raw numbers: `metrics.json`. Settings: `config.json`.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def kept_notes(card: str) -> str:
+    """The hand-written part of a model card: from `NOTES_HEADING` to the end ("" when it has none)."""
+    start = card.find(f"\n{NOTES_HEADING}\n")
+    return "" if start < 0 else card[start:]
 
 
 def summary(ctx: StageContext) -> str:

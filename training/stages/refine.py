@@ -1,4 +1,5 @@
-"""Stage 1, `refine`: turn frozen VFM tokens into spatially clean d-channel targets Z_T (PAE_SPEC §2.7).
+"""Stage 1, `refine`: turn frozen VFM tokens into spatially clean d-channel targets Z_T (the paper's
+prior refinement, which runs before tokenizer training).
 
 A projector P_t (PAE's own projector design: residual-free attention, 3×3 conv to d channels, RMS
 sphere) compresses the VFM tokens H; a small ViT Q_t must rebuild H from Z_T = P_t(H), so Z_T keeps
@@ -35,23 +36,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from model.checkpoint import REFINE_FILE
 from model.pae import Projector, ViTBlock, init_weights, sphere_norm
 from model.pos_embed import sincos_2d
 from training.distributed import ShardedBatches, barrier, unwrap, wrap_ddp
 from training.feature_cache import FeatureCache, build_feature_cache
 from training.losses import ssr_loss
 from training.optim import build_adamw, build_scheduler
+from training.recipes import RefineConfig
 from training.stages import assets
-from training.stages.common import (
-    StageRun,
-    Trainables,
-    restore_state,
-    seed_init,
-    seed_stream,
-    train_loop,
-    train_summary,
-)
-from training.stages.configs import RefineConfig
+from training.stages.common import Trainables, begin_training, seed_init, train_and_record
 from training.stages.context import StageContext
 
 STAGE = "refine"
@@ -148,7 +142,7 @@ class RefineNet(nn.Module):
 
 def build_refine_net(ctx: StageContext) -> RefineNet:
     spec = ctx.preset.pae.vfm
-    return RefineNet(spec.dim, spec.heads, spec.grid, ctx.preset.pae.latent_dim, ctx.refine)
+    return RefineNet(spec.dim, spec.heads, spec.grid, ctx.preset.pae.latent_dim, ctx.recipe.refine)
 
 
 class TargetProjector(nn.Module):
@@ -187,16 +181,11 @@ class CachedTokens(Dataset):
         return self.cache[int(index)], 0
 
 
-def open_targets(directory: str) -> FeatureCache:
-    """The refined targets written by this stage (B×N×d token rows; index N + i is image i mirrored)."""
-    return FeatureCache(directory)
-
-
 def run(ctx: StageContext) -> dict[str, Any]:
     """Train P_t/Q_t, save them, write Z_T for the training set; returns the stage record."""
-    cfg, env = ctx.refine, ctx.env
+    cfg, env = ctx.recipe.refine, ctx.env
     spec = ctx.preset.pae.vfm
-    flips = ctx.preset.tokenizer_train.hflip
+    flips = ctx.recipe.tokenizer.hflip
     vfm = assets.frozen_vfm(ctx)
     fingerprint = vfm.fingerprint()
     ctx.write_config(fingerprint)
@@ -209,9 +198,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     opt = build_adamw(net, cfg.lr, weight_decay=cfg.weight_decay)
     sched = build_scheduler(opt, cfg.warmup_steps, cfg.steps, "cosine", cfg.lr_min / cfg.lr)
     state = Trainables({"net": net}, {"opt": opt}, {"opt": sched})
-    run_ = StageRun(STAGE, ctx.out, env)
-    seed_stream(ctx.seed, env)
-    start, _ = restore_state(run_, state)
+    stage_run, start = begin_training(ctx, STAGE, state)
     model = wrap_ddp(net, env)
     order = ShardedBatches(len(feats), cfg.batch_size, env, seed=ctx.seed)
     batches = order(start)
@@ -236,36 +223,25 @@ def run(ctx: StageContext) -> dict[str, Any]:
         sched.step()
         return {"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()}}
 
-    try:
-        last = train_loop(
-            run_,
-            state,
-            cfg.steps,
-            step_fn,
-            cfg.log_every,
-            cfg.ckpt_every,
-            start_step=start,
-            stop_at=ctx.stop_at,
-        )
-    finally:
-        run_.close()
-    if last["step"] < cfg.steps:
-        return {"finished": False, "step": int(last["step"])}
+    def save() -> None:
+        assets.save_weights(ctx.out / REFINE_FILE, net, {"vfm_fingerprint": fingerprint})
 
-    net.eval()
-    if env.is_main:
-        assets.save_weights(ctx.out / assets.REFINE_FILE, net, {"vfm_fingerprint": fingerprint})
-    barrier(env)
-    targets = _write_targets(ctx, unwrap(net), feats, fingerprint, flips)
-    ctx.write_metrics({"train": {STAGE: train_summary(last)}})
-    return {
-        "finished": True,
-        "steps": cfg.steps,
-        "wall_s": last.get("wall_s"),
-        "targets_dir": targets.directory,
-        "targets_id": targets.key_fields["vfm"],
-        "flips": flips,
-    }
+    def outputs() -> dict[str, Any]:
+        targets = _write_targets(ctx, unwrap(net), feats, fingerprint, flips)
+        return {"targets_dir": targets.directory, "targets_id": targets.key_fields["vfm"], "flips": flips}
+
+    return train_and_record(
+        ctx,
+        stage_run,
+        state,
+        step_fn,
+        steps=cfg.steps,
+        log_every=cfg.log_every,
+        ckpt_every=cfg.ckpt_every,
+        start_step=start,
+        save=save,
+        outputs=outputs,
+    )
 
 
 def _write_targets(

@@ -1,62 +1,59 @@
-"""Stage 2, `tokenizer`: train PAE with L1 + LPIPS + GAN + λ·(SSR, MCR, SCR) (PAE_SPEC §2.5–2.8).
+"""Stage 2, `tokenizer`: train PAE with L1 + LPIPS + GAN + λ·(SSR, MCR, SCR) (the paper's training
+objective; schedule from the recipe).
 
 The frozen VFM never runs here: its tokens come from the feature cache (index N + i is image i
 mirrored, so random flips stay exact), and the refined targets Z_T from the `refine` stage's cache.
 A zero loss weight removes its term — with gan, ssr, mcr and scr all 0 this is the
 reconstruction-only baseline, which needs neither the targets nor a discriminator.
 
-Schedule: AdamW with the preset's betas and weight decay (none on biases, norms, 1-D parameters),
+Schedule: AdamW with the recipe's betas and weight decay (none on biases, norms, 1-D parameters),
 linear warmup then cosine to `lr_min`, an EMA of the weights, optional gradient clipping, and
 `grad_accum` micro-batches per step. `batch_size` is the global batch, split evenly over ranks and
 micro-batches. The GAN term joins at `gan_start_step` with the adaptive weight; the discriminator
 (hinge loss on real vs 8-bit-quantised fakes, one forward on both halves so DDP sees one pass) is
 updated from its own `disc_start_step`. bf16 autocast is used on CUDA only.
 
-Under `torchrun` both networks are wrapped in DDP (gradients averaged across ranks every step) and
-only rank 0 writes files.
+One step is a generator step (PAE on every micro-batch, then its optimiser, schedule and EMA) followed
+by a discriminator step on the same real and reconstructed images. Under `torchrun` both networks are
+wrapped in DDP (gradients averaged across ranks every step) and only rank 0 writes files.
 """
 
 from __future__ import annotations
 
-import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from model.checkpoint import PAE_EMA_FILE, PAE_FILE, REFINE_FILE, CheckpointError, read_metadata
+from model.hashing import sha256_file
 from model.pae import PAE
-from training.checkpoint import CheckpointError, read_metadata
 from training.discriminator import PatchDiscriminator
-from training.distributed import DistEnv, ShardedBatches, barrier, unwrap, wrap_ddp
+from training.distributed import DistEnv, ShardedBatches, unwrap, wrap_ddp
+from training.feature_cache import FeatureCache
 from training.losses import LossWeights, PAELoss, hinge_d_loss, quantize_fake
 from training.lpips import LPIPS
 from training.optim import EMA, build_adamw, build_scheduler, lr_factor
+from training.recipes import TokenizerTrainConfig
 from training.stages import assets
 from training.stages.common import (
     StageRun,
     Trainables,
+    begin_training,
+    grad_sync,
     image_batches,
-    restore_state,
+    micro_batch,
     seed_init,
-    seed_stream,
-    train_loop,
-    train_summary,
+    train_and_record,
 )
-from training.stages.context import StageContext, file_digest
-from training.stages.refine import open_targets
+from training.stages.context import StageContext
 
 STAGE = "tokenizer"
 
-
-def micro_batch(global_batch: int, env: DistEnv, accum: int, what: str) -> int:
-    """Per-rank micro-batch of a global batch; it must split evenly."""
-    per = global_batch // (env.world_size * accum)
-    if per < 1 or per * env.world_size * accum != global_batch:
-        raise ValueError(
-            f"{what}.batch_size {global_batch} must be a multiple of world size {env.world_size} × "
-            f"grad_accum {accum}"
-        )
-    return per
+# (real images, detached reconstructions) of one micro-batch: what the discriminator step sees.
+ImagePair = tuple[torch.Tensor, torch.Tensor]
 
 
 def _clip(params: list[nn.Parameter], max_norm: float | None) -> torch.Tensor | None:
@@ -70,159 +67,202 @@ def run(ctx: StageContext) -> dict[str, Any]:
     return fit(ctx)[0]
 
 
+def _refined_targets(ctx: StageContext, fingerprint: str) -> FeatureCache:
+    """The `refine` stage's Z_T, after checking they were made from this VFM (and with mirror rows
+    when the tokenizer flips)."""
+    rec = ctx.require("refine", STAGE)
+    refine_meta = read_metadata(ctx.out / REFINE_FILE)
+    if refine_meta.get("vfm_fingerprint") != fingerprint:
+        raise CheckpointError(
+            f"{ctx.out / REFINE_FILE} was trained on another VFM (fingerprint "
+            f"{refine_meta.get('vfm_fingerprint')!r}, current {fingerprint!r}); rerun the refine stage"
+        )
+    if ctx.recipe.tokenizer.hflip and not rec.get("flips"):
+        raise CheckpointError("the refined targets have no mirrored rows but hflip is on; rerun refine")
+    return FeatureCache(rec["targets_dir"])
+
+
+@dataclass
+class TokenizerStep:
+    """One optimiser step of both networks: `generator` (PAE) then `discriminator`.
+
+    `batches` yields `(images, labels, indices, flips)`; the VFM tokens (and targets, when a term
+    needs them) of image i are row i + N·flip of `feats` (and `targets`).
+    """
+
+    cfg: TokenizerTrainConfig
+    env: DistEnv
+    stage_run: StageRun
+    pae: PAE
+    pae_ddp: nn.Module
+    criterion: PAELoss
+    opt_g: torch.optim.Optimizer
+    sched_g: torch.optim.lr_scheduler.LRScheduler
+    ema: EMA
+    disc: nn.Module | None
+    disc_ddp: nn.Module | None
+    opt_d: torch.optim.Optimizer | None
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+    feats: FeatureCache
+    targets: FeatureCache | None
+    num_images: int
+
+    def __call__(self, step: int) -> dict[str, torch.Tensor]:
+        use_gan = self.disc is not None
+        out, pairs = self.generator(step, gan_active=use_gan and step >= self.cfg.gan_start_step)
+        if use_gan:
+            d_loss = self.discriminator(step, pairs, active=step >= self.cfg.disc_start_step)
+            if d_loss is not None:
+                out["d_loss"] = d_loss
+        return out
+
+    def generator(self, step: int, gan_active: bool) -> tuple[dict[str, torch.Tensor], list[ImagePair]]:
+        """PAE's update over `grad_accum` micro-batches (the discriminator frozen); returns the logged
+        loss parts (and grad norm when clipping) and each micro-batch's images for the D step."""
+        cfg, env = self.cfg, self.env
+        self.pae.train()
+        if self.disc is not None:
+            self.disc.train()
+            self.disc.requires_grad_(False)
+        self.opt_g.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        pairs: list[ImagePair] = []
+        for k in range(cfg.grad_accum):
+            x, h, z_t = self._micro_batch()
+            with grad_sync(self.pae_ddp, env, k, cfg.grad_accum), self.stage_run.autocast(True):
+                x_hat, z = self.pae_ddp(x, h)
+                total, parts = self.criterion(
+                    x,
+                    x_hat.float(),
+                    z.float(),
+                    decode=unwrap(self.pae).decode,
+                    z_target=z_t,
+                    last_layer=unwrap(self.pae).decoder_last_layer,
+                    gan_active=gan_active,
+                )
+                (total / cfg.grad_accum).backward()
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0.0) + value / cfg.grad_accum
+            pairs.append((x, x_hat.detach().float()))
+        grad_norm = _clip(list(self.pae.parameters()), cfg.grad_clip)
+        self.opt_g.step()
+        self.sched_g.step()
+        self.ema.update(self.pae)
+        out = {k: torch.tensor(v) for k, v in sums.items()}
+        if grad_norm is not None:
+            out["grad_norm"] = grad_norm.detach().cpu()
+        return out, pairs
+
+    def discriminator(self, step: int, pairs: list[ImagePair], active: bool) -> torch.Tensor | None:
+        """The hinge-loss update of D on the generator step's real and (8-bit) reconstructed images;
+        before `disc_start_step` only its gradients are cleared. Returns the loss when it trained."""
+        cfg, env = self.cfg, self.env
+        assert self.disc is not None and self.disc_ddp is not None and self.opt_d is not None
+        self.disc.requires_grad_(True)
+        self.opt_d.zero_grad(set_to_none=True)
+        if not active:
+            return None
+        # D follows the generator's schedule by global step (its LR is a function of the step, so it
+        # needs no scheduler state of its own).
+        factor = lr_factor(step, cfg.warmup_steps, cfg.steps, "cosine", _min_lr_ratio(cfg))
+        for group in self.opt_d.param_groups:
+            group["lr"] = cfg.disc_lr * factor
+        d_total = 0.0
+        for k, (x, x_hat) in enumerate(pairs):
+            with grad_sync(self.disc_ddp, env, k, cfg.grad_accum), self.stage_run.autocast(True):
+                logits = self.disc_ddp(torch.cat([x, quantize_fake(x_hat)])).float()
+                real, fake = logits.chunk(2)
+                d_loss = hinge_d_loss(real, fake)
+                (d_loss / cfg.grad_accum).backward()
+            d_total += float(d_loss.detach()) / cfg.grad_accum
+        _clip(list(self.disc.parameters()), cfg.grad_clip)
+        self.opt_d.step()
+        return torch.tensor(d_total)
+
+    def _micro_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The next images on the device, their cached VFM tokens, and their targets as latent grids."""
+        images, _, idx, flips = next(self.batches)
+        rows = idx + self.num_images * flips.long()
+        x = images.to(self.env.device, non_blocking=True)
+        h = self.feats[rows].to(self.env.device, non_blocking=True)
+        z_t = None
+        if self.targets is not None:
+            d, grid = self.pae.cfg.latent_dim, self.pae.cfg.latent_grid
+            z_t = self.targets[rows].to(self.env.device).transpose(1, 2).reshape(-1, d, grid, grid)
+        return x, h, z_t
+
+
+def _min_lr_ratio(cfg: TokenizerTrainConfig) -> float:
+    return min(1.0, cfg.lr_min / cfg.lr)
+
+
 def fit(ctx: StageContext) -> tuple[dict[str, Any], Trainables]:
     """`run`, also returning this rank's trained objects (PAE, discriminator, optimisers, EMA)."""
-    cfg, env, preset = ctx.preset.tokenizer_train, ctx.env, ctx.preset
+    cfg, env, preset = ctx.recipe.tokenizer, ctx.env, ctx.preset
     weights = LossWeights.from_config(cfg)
-    needs_targets = weights.ssr_weight > 0 or weights.scr_weight > 0
     use_gan = weights.gan_weight > 0
 
     vfm = assets.frozen_vfm(ctx)
     fingerprint = vfm.fingerprint()
     ctx.write_config(fingerprint)
     train = assets.dataset(ctx, "train")
-    n = len(train)
     feats = assets.vfm_features(ctx, vfm, train, "train", cfg.hflip)
     del vfm
-    targets = None
-    if needs_targets:
-        rec = ctx.require("refine", STAGE)
-        refine_meta = read_metadata(ctx.out / assets.REFINE_FILE)
-        if refine_meta.get("vfm_fingerprint") != fingerprint:
-            raise CheckpointError(
-                f"{ctx.out / assets.REFINE_FILE} was trained on another VFM (fingerprint "
-                f"{refine_meta.get('vfm_fingerprint')!r}, current {fingerprint!r}); rerun the refine stage"
-            )
-        if cfg.hflip and not rec.get("flips"):
-            raise CheckpointError("the refined targets have no mirrored rows but hflip is on; rerun refine")
-        targets = open_targets(rec["targets_dir"])
+    needs_targets = weights.ssr_weight > 0 or weights.scr_weight > 0
+    targets = _refined_targets(ctx, fingerprint) if needs_targets else None
 
     seed_init(ctx.seed)
     pae = PAE(preset.pae).to(env.device)
-    lpips = (
-        LPIPS(net=cfg.lpips_net).to(env.device)
-        if (weights.lpips_weight > 0 or weights.mcr_weight > 0)
-        else None
-    )
+    needs_lpips = weights.lpips_weight > 0 or weights.mcr_weight > 0
+    lpips = LPIPS(net=cfg.lpips_net).to(env.device) if needs_lpips else None
     disc = PatchDiscriminator(preset.pae.image_size).to(env.device) if use_gan else None
     criterion = PAELoss(weights, lpips, disc)
     opt_g = build_adamw(pae, cfg.lr, cfg.betas, cfg.weight_decay)
-    min_ratio = min(1.0, cfg.lr_min / cfg.lr)
-    sched_g = build_scheduler(opt_g, cfg.warmup_steps, cfg.steps, "cosine", min_ratio)
+    sched_g = build_scheduler(opt_g, cfg.warmup_steps, cfg.steps, "cosine", _min_lr_ratio(cfg))
     ema = EMA(pae, cfg.ema_decay)
     state = Trainables({"pae": pae}, {"pae": opt_g}, {"pae": sched_g}, {"pae": ema})
+    opt_d = None
     if disc is not None:
         opt_d = build_adamw(disc, cfg.disc_lr, cfg.betas, cfg.weight_decay)
         state.modules["disc"] = disc
         state.optimizers["disc"] = opt_d
 
-    run_ = StageRun(STAGE, ctx.out, env)
-    seed_stream(ctx.seed, env)
-    start, _ = restore_state(run_, state)
-    pae_ddp = wrap_ddp(pae, env)
-    disc_ddp = wrap_ddp(disc, env) if disc is not None else None
+    stage_run, start = begin_training(ctx, STAGE, state)
+    per_rank = micro_batch(cfg.batch_size, env, cfg.grad_accum, "tokenizer")
+    order = ShardedBatches(len(train), per_rank, env, seed=ctx.seed, flip_prob=0.5 if cfg.hflip else 0.0)
+    step_fn = TokenizerStep(
+        cfg=cfg,
+        env=env,
+        stage_run=stage_run,
+        pae=pae,
+        pae_ddp=wrap_ddp(pae, env),
+        criterion=criterion,
+        opt_g=opt_g,
+        sched_g=sched_g,
+        ema=ema,
+        disc=disc,
+        disc_ddp=wrap_ddp(disc, env) if disc is not None else None,
+        opt_d=opt_d,
+        batches=image_batches(train, order, start * cfg.grad_accum, ctx.num_workers, ctx.seed),
+        feats=feats,
+        targets=targets,
+        num_images=len(train),
+    )
 
-    accum = cfg.grad_accum
-    per_rank = micro_batch(cfg.batch_size, env, accum, "tokenizer")
-    order = ShardedBatches(n, per_rank, env, seed=ctx.seed, flip_prob=0.5 if cfg.hflip else 0.0)
-    batches = image_batches(train, order, start * accum, ctx.num_workers, ctx.seed)
-    grid = preset.pae.latent_grid
-    d = preset.pae.latent_dim
+    def save() -> None:
+        assets.save_weights(ctx.out / PAE_FILE, pae)
+        assets.save_weights(ctx.out / PAE_EMA_FILE, ema.state_dict())
 
-    def step_fn(step: int) -> dict[str, torch.Tensor]:
-        gan_active = use_gan and step >= cfg.gan_start_step
-        disc_active = use_gan and step >= cfg.disc_start_step
-        pae.train()
-        if disc is not None:
-            disc.train()
-            disc.requires_grad_(False)
-        opt_g.zero_grad(set_to_none=True)
-        sums: dict[str, float] = {}
-        kept: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for k in range(accum):
-            images, _, idx, flips = next(batches)
-            rows = idx + n * flips.long()
-            x = images.to(env.device, non_blocking=True)
-            h = feats[rows].to(env.device, non_blocking=True)
-            z_t = None
-            if targets is not None:
-                z_t = targets[rows].to(env.device).transpose(1, 2).reshape(-1, d, grid, grid)
-            sync = pae_ddp.no_sync() if (env.distributed and k < accum - 1) else contextlib.nullcontext()
-            with sync, run_.autocast(True):
-                x_hat, z = pae_ddp(x, h)
-                total, parts = criterion(
-                    x,
-                    x_hat.float(),
-                    z.float(),
-                    decode=unwrap(pae).decode,
-                    z_target=z_t,
-                    last_layer=unwrap(pae).decoder_last_layer,
-                    gan_active=gan_active,
-                )
-                (total / accum).backward()
-            for key, value in parts.items():
-                sums[key] = sums.get(key, 0.0) + value / accum
-            kept.append((x, x_hat.detach().float()))
-        grad_norm = _clip(list(pae.parameters()), cfg.grad_clip)
-        opt_g.step()
-        sched_g.step()
-        ema.update(pae)
-        out = {k: torch.tensor(v) for k, v in sums.items()}
-        if grad_norm is not None:
-            out["grad_norm"] = grad_norm.detach().cpu()
-        if disc is not None:
-            disc.requires_grad_(True)
-            opt_d.zero_grad(set_to_none=True)
-            if disc_active:
-                # D follows the generator's schedule by global step (its LR is a function of the step,
-                # so it needs no scheduler state of its own).
-                factor = lr_factor(step, cfg.warmup_steps, cfg.steps, "cosine", min_ratio)
-                for group in opt_d.param_groups:
-                    group["lr"] = cfg.disc_lr * factor
-                d_total = 0.0
-                for k, (x, x_hat) in enumerate(kept):
-                    sync = (
-                        disc_ddp.no_sync()
-                        if (env.distributed and k < accum - 1)
-                        else contextlib.nullcontext()
-                    )
-                    with sync, run_.autocast(True):
-                        logits = disc_ddp(torch.cat([x, quantize_fake(x_hat)])).float()
-                        real, fake = logits.chunk(2)
-                        d_loss = hinge_d_loss(real, fake)
-                        (d_loss / accum).backward()
-                    d_total += float(d_loss.detach()) / accum
-                _clip(list(disc.parameters()), cfg.grad_clip)
-                opt_d.step()
-                out["d_loss"] = torch.tensor(d_total)
-        return out
-
-    try:
-        last = train_loop(
-            run_,
-            state,
-            cfg.steps,
-            step_fn,
-            cfg.log_every,
-            cfg.ckpt_every,
-            start_step=start,
-            stop_at=ctx.stop_at,
-        )
-    finally:
-        run_.close()
-    if last["step"] < cfg.steps:
-        return {"finished": False, "step": int(last["step"])}, state
-
-    if env.is_main:
-        assets.save_weights(ctx.out / assets.PAE_FILE, pae)
-        assets.save_weights(ctx.out / assets.PAE_EMA_FILE, ema.state_dict())
-    barrier(env)
-    ctx.write_metrics({"train": {STAGE: train_summary(last)}})
-    record = {
-        "finished": True,
-        "steps": cfg.steps,
-        "wall_s": last.get("wall_s"),
-        "world_size": env.world_size,
-        "pae_ema_sha256": file_digest(ctx.out / assets.PAE_EMA_FILE),
-    }
+    record = train_and_record(
+        ctx,
+        stage_run,
+        state,
+        step_fn,
+        steps=cfg.steps,
+        log_every=cfg.log_every,
+        ckpt_every=cfg.ckpt_every,
+        start_step=start,
+        save=save,
+        outputs=lambda: {"pae_ema_sha256": sha256_file(ctx.out / PAE_EMA_FILE)},
+    )
     return record, state

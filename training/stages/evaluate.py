@@ -1,4 +1,4 @@
-"""Stage 5, `eval`: reconstruction, latent geometry and generation metrics → `metrics.json`.
+"""Stage 5, `evaluate`: reconstruction, latent geometry and generation metrics → `metrics.json`.
 
 All measured on the evaluation split (Fashion-MNIST `test`, ImageNet `val`) with the EMA tokenizer
 (the weights the service uses) and the EMA DiT:
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from model.sampling import SamplerConfig
+from model.checkpoint import CLASSIFIER_FILE, to_jsonable
 from training.distributed import barrier
 from training.feature_cache import FeatureCache
 from training.lpips import LPIPS
@@ -40,15 +40,14 @@ from training.metrics.recon import psnr, ssim
 from training.stages import assets
 from training.stages.context import StageContext
 from training.stages.grid import generate
-from training.stages.overrides import to_jsonable
 
-STAGE = "eval"
+STAGE = "evaluate"
 MASKED_DATASETS = ("fashion-mnist", "fmnist", "fashion_mnist", "mnist-5k", "mnist5k")
 CLASSIFIER_MAX_SIZE = 64  # the small CNN is a sensible judge of small images only, not of ImageNet-256
 
 
 def fd_network(name: str) -> Any:
-    """The named feature network for Fréchet distances (see `EvalConfig.fd_network`)."""
+    """The named feature network for Fréchet distances (see `EvaluateConfig.fd_network`)."""
     if name == "efficientnet-lite2":
         return EfficientNetLite2Features()
     if name == "inception-v3":
@@ -61,12 +60,13 @@ def fd_network(name: str) -> Any:
 def run(ctx: StageContext) -> dict[str, Any]:
     """Compute every metric (rank 0; other ranks wait) and merge them into metrics.json."""
     ctx.require("tokenizer", STAGE)
-    ctx.require("dit", STAGE)
+    ctx.require("generator", STAGE)
     ctx.write_config()
-    data = assets.dataset(ctx, ctx.eval.split)
-    feats = assets.vfm_features(ctx, assets.frozen_vfm(ctx), data, ctx.eval.split, False)  # collective
+    split = ctx.recipe.evaluate.split
+    data = assets.dataset(ctx, split)
+    feats = assets.vfm_features(ctx, assets.frozen_vfm(ctx), data, split, False)  # collective
     if ctx.env.is_main:
-        ctx.write_metrics(evaluate(ctx, data, feats))
+        ctx.write_metrics(compute_metrics(ctx, data, feats))
     barrier(ctx.env)
     return {"finished": True}
 
@@ -77,9 +77,9 @@ def _subset(requested: int, available: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(ctx: StageContext, data: Any, feats: FeatureCache) -> dict[str, Any]:
+def compute_metrics(ctx: StageContext, data: Any, feats: FeatureCache) -> dict[str, Any]:
     """Every metric on the evaluation split `data` whose VFM tokens are `feats`."""
-    cfg, device, preset = ctx.eval, ctx.env.device, ctx.preset
+    cfg, device, preset = ctx.recipe.evaluate, ctx.env.device, ctx.preset
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     pae = assets.load_pae(ctx, ema=True)
@@ -169,10 +169,15 @@ def evaluate(ctx: StageContext, data: Any, feats: FeatureCache) -> dict[str, Any
         "cond_acc": accuracy(classifier.to(device), samples.to(device), gen_labels)
         if classifier is not None
         else None,
-        "sampler": _sampler_json(preset.sampler),
+        "sampler": to_jsonable(preset.sampler),
     }
     timings["gen"] = time.perf_counter() - t0
-    out: dict[str, Any] = {"recon": recon, "latent": latent, "gen": gen, "wall_s": {"eval_parts": timings}}
+    out: dict[str, Any] = {
+        "recon": recon,
+        "latent": latent,
+        "gen": gen,
+        "wall_s": {f"{STAGE}_parts": timings},
+    }
     if clf_acc is not None:
         out["classifier"] = {"test_acc": clf_acc, "split": cfg.split}
     return out
@@ -182,7 +187,7 @@ def _classifier(ctx: StageContext, test_data: Any) -> tuple[Any, float | None]:
     """The shipped classifier (trained on the training split when `classifier.safetensors` is absent)
     and its accuracy on the evaluation split; `(None, None)` for images above `CLASSIFIER_MAX_SIZE`."""
     size = ctx.preset.pae.image_size
-    path = ctx.out / assets.CLASSIFIER_FILE
+    path = ctx.out / CLASSIFIER_FILE
     if path.is_file():
         model = load_classifier(path)
     else:
@@ -190,15 +195,12 @@ def _classifier(ctx: StageContext, test_data: Any) -> tuple[Any, float | None]:
             return None, None
         train = assets.dataset(ctx, "train")
         cfg = ClassifierConfig(num_classes=ctx.preset.dit.num_classes, image_size=size)
+        steps, seed = ctx.recipe.evaluate.classifier_steps, ctx.recipe.evaluate.classifier_seed
         with torch.enable_grad():
-            model = train_classifier(train, ctx.eval.classifier_steps, ctx.eval.classifier_seed, cfg=cfg)
+            model = train_classifier(train, steps, seed, cfg=cfg)
         save_classifier(model, path)
         path.chmod(0o644)
     n = len(test_data)
     images = torch.stack([test_data[i][0] for i in range(n)])
     labels = torch.tensor([test_data[i][1] for i in range(n)])
     return model, accuracy(model, images, labels)
-
-
-def _sampler_json(sampler: SamplerConfig) -> dict[str, Any]:
-    return to_jsonable(sampler)

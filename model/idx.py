@@ -2,7 +2,9 @@
 
 The format is tiny and the files come from outside the project (a Debian package, or a copy the
 user points at), so every structural property is checked and a bad file is reported by its path
-instead of surfacing later as a reshape error or silently wrong labels.
+instead of surfacing later as a reshape error or silently wrong labels. It lives in `model/` (numpy
+only) because both training's datasets and export's parity images read these files, and export must
+not import training.
 
 Layout: two zero bytes, a type code (0x08 = uint8), the number of dimensions, then one big-endian
 uint32 per dimension, then the data in C order.

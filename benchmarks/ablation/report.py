@@ -1,19 +1,23 @@
-"""Presenting an ablation report (`benchmarks/ablation.py`): the FD-vs-DiT-steps plot, the README
+"""Presenting an ablation report: the JSON (standard: no NaN), the FD-vs-DiT-steps plot, the README
 table in the layout of the paper's Table 2a, and the claims as a checklist.
 
-    python -m benchmarks.plot_ablation [benchmarks/results/ablation.json]
+    python -m benchmarks.ablation.report [benchmarks/results/ablation.json]
 
-re-renders `ablation.png` next to the JSON and prints the table and claims, so the README can be
-refreshed from the numbers without retraining anything.
+re-renders the PNG next to a JSON and prints the table and claims, so the README can be refreshed
+from the numbers without retraining anything.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from benchmarks.machine import RESULTS
 
 ARM_LABELS = {
     "baseline": "none (reconstruction only)",
@@ -86,7 +90,7 @@ def render_table(report: dict[str, Any]) -> str:
 
 
 def render_claims(report: dict[str, Any]) -> str:
-    """The issue's bar, one line per claim: PASS / FAIL / not measured, with the numbers compared."""
+    """The claims, one line each: PASS / FAIL / not measured, with the numbers compared."""
     lines = []
     for name, claim in report["claims"].items():
         status = {True: "PASS", False: "FAIL", None: "n/a "}[claim["pass"]]
@@ -176,24 +180,46 @@ def plot_curves(report: dict[str, Any], path: str | Path) -> None:
     plt.close(fig)
 
 
+def finite_json(obj: Any) -> Any:
+    """The report with every non-finite float replaced by None, so the JSON stays standard."""
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_json(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_report(report: dict[str, Any], directories: Sequence[Path], name: str = "ablation") -> list[Path]:
+    """`<name>.json` and `<name>.png` into each directory; returns the JSON paths."""
+    report = finite_json(report)
+    written = []
+    for directory in directories:
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{name}.json"
+        path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+        plot_curves(report, directory / f"{name}.png")
+        written.append(path)
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.plot_ablation", description=__doc__.split("\n")[0]
+        prog="python -m benchmarks.ablation.report", description=__doc__.split("\n")[0]
     )
-    parser.add_argument(
-        "report", nargs="?", default=str(Path(__file__).resolve().parent / "results" / "ablation.json")
-    )
+    parser.add_argument("report", nargs="?", default=str(RESULTS / "ablation.json"))
     args = parser.parse_args(argv)
     path = Path(args.report)
     if not path.is_file():
-        raise SystemExit(f"plot_ablation: no report at {path}; run `python -m benchmarks.ablation` first")
+        raise SystemExit(f"ablation.report: no report at {path}; run `python -m benchmarks.ablation` first")
     try:
         report = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise SystemExit(f"plot_ablation: {path} is not valid JSON ({exc})") from None
+        raise SystemExit(f"ablation.report: {path} is not valid JSON ({exc})") from None
     missing = [k for k in ("budget", "arms", "few_step", "claims") if k not in report]
     if missing:
-        raise SystemExit(f"plot_ablation: {path} is not an ablation report (missing {missing})")
+        raise SystemExit(f"ablation.report: {path} is not an ablation report (missing {missing})")
     plot_curves(report, path.with_suffix(".png"))
     print(render_table(report))
     print()

@@ -1,19 +1,24 @@
-"""A tiny model repository built by the tests themselves: four small torch modules exported with
-the dynamo ONNX exporter, plus config.json and manifest.json in the layout export/ writes.
+"""A small random-weight model repository for tests and benchmarks.
 
-It stands in for the real default model only so the service's code paths can be tested in
-seconds; the modules are real networks (convolutions, an embedding, a nonlinearity) with fixed
-random weights, exported and run by the same code that serves real graphs.
+    python -m export.tiny_repository DIR      # writes DIR/tiny/1/
+
+Four small torch modules (convolutions, an embedding, a nonlinearity) with fixed, seeded weights,
+exported with the dynamo ONNX exporter beside a config.json and manifest.json in the layout the
+service reads. It stands in for a trained model wherever what is measured is the service's code path,
+not the model: it exports in seconds, and its networks are real graphs run by the same code that
+serves trained ones. The weights and inputs are seeded, so every build exports the same graphs.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from export import repository
 
 IMAGE_SIZE = 16
 LATENT_SHAPE = (4, 4, 4)
@@ -80,19 +85,9 @@ def _export(module: nn.Module, args: tuple, names: list[str], path: Path) -> Non
     )
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def write_manifest(version_dir: Path) -> None:
-    files = {
-        p.relative_to(version_dir).as_posix(): {"sha256": sha256(p), "bytes": p.stat().st_size}
-        for p in sorted(version_dir.rglob("*"))
-        if p.is_file() and p.name != "manifest.json"
-    }
-    (version_dir / "manifest.json").write_text(
-        json.dumps({"format": "pae-model-repository/1", "files": files})
-    )
+    """(Re)seal a hand-made version: the manifest lists every file with its hash, as export writes it."""
+    repository.write_manifest(version_dir, {"name": version_dir.parent.name})
 
 
 def tiny_modules() -> tuple[TinyEncoder, TinyDecoder, TinyDiT]:
@@ -137,6 +132,19 @@ def build_tiny_repository(root: Path, name: str = "tiny", version: str = "1") ->
             "cfg_interval": [0.0, 1.0],
         },
     }
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    repository.write_json(out / repository.CONFIG_NAME, config)
     write_manifest(out)
     return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m export.tiny_repository", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("root", type=Path, help="repository folder; the model goes to ROOT/tiny/1")
+    args = parser.parse_args(argv)
+    print(build_tiny_repository(args.root))
+
+
+if __name__ == "__main__":
+    main()

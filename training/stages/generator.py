@@ -1,11 +1,13 @@
-"""Stage 4, `dit`: LightningDiT on normalised latents with SiT flow matching (PAE_SPEC §3.4–3.5).
+"""Stage 4, `generator`: train the LightningDiT on normalised latents with SiT flow matching (the
+LightningDiT recipe PAE trains its generator with).
 
 Each step: pick the un-flipped or mirrored latent (p = 0.5 when the latents include mirror images),
 normalise with the channel stats, draw logit-normal t with the training shift and Gaussian noise,
-interpolate, and regress the velocity with MSE + cosine (`model.flow`). Labels are replaced by the null class with
-probability `label_dropout` (drawn here and passed as `force_drop`, so every random draw comes from
-the saved RNG stream). AdamW (0.9, 0.95) with warmup then constant LR, an EMA of the weights,
-optional gradient clipping, `grad_accum` micro-batches; `batch_size` is the global batch.
+interpolate, and regress the velocity with MSE + cosine (`model.flow`). Labels are replaced by the null
+class with the DiT's `class_dropout` probability (drawn here and passed as `force_drop`, so every
+random draw comes from the saved RNG stream). AdamW (0.9, 0.95) with warmup then constant LR, an EMA
+of the weights, optional gradient clipping, `grad_accum` micro-batches; `batch_size` is the global
+batch.
 
 Every `sample_every` steps rank 0 writes a class grid from the EMA model to `samples/`. The final
 EMA weights go to `dit_ema.safetensors`; the live weights stay in the resume state only, keeping the
@@ -14,37 +16,36 @@ shipped checkpoint small.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
 
+from model.checkpoint import DIT_EMA_FILE
 from model.flow import flow_loss, interpolate, sample_training_t
+from model.hashing import sha256_file
 from model.lightningdit import LightningDiT
 from training.distributed import ShardedBatches, barrier, wrap_ddp
+from training.latent_shards import LatentShards
 from training.optim import EMA, build_adamw, build_scheduler
 from training.stages import assets
 from training.stages.common import (
-    StageRun,
     Trainables,
-    restore_state,
+    begin_training,
+    grad_sync,
+    micro_batch,
     seed_init,
-    seed_stream,
-    train_loop,
-    train_summary,
+    train_and_record,
 )
-from training.stages.context import StageContext, file_digest
+from training.stages.context import StageContext
 from training.stages.grid import class_grid
-from training.stages.latents import LatentShards
-from training.stages.tokenizer import micro_batch
 
-STAGE = "dit"
+STAGE = "generator"
 GRID_PER_CLASS = 8
 MAX_GRID_CLASSES = 16
 
 
 def samples_path(ctx: StageContext, step: int) -> str:
-    return str(ctx.out / "samples" / f"dit_step{step:07d}.png")
+    return str(ctx.out / "samples" / f"{STAGE}_step{step:07d}.png")
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -54,7 +55,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 def fit(ctx: StageContext) -> tuple[dict[str, Any], Trainables]:
     """`run`, also returning this rank's trained objects (DiT, optimiser, EMA)."""
-    cfg, env, preset = ctx.preset.dit_train, ctx.env, ctx.preset
+    cfg, env, preset = ctx.recipe.generator, ctx.env, ctx.preset
     rec = ctx.require("latents", STAGE)
     ctx.write_config()
     latents, latents_flip, labels = LatentShards(rec["latents_dir"]).load()
@@ -70,13 +71,11 @@ def fit(ctx: StageContext) -> tuple[dict[str, Any], Trainables]:
     ema = EMA(dit, cfg.ema_decay)
     state = Trainables({"dit": dit}, {"dit": opt}, {"dit": sched}, {"dit": ema})
     pae = assets.load_pae(ctx, ema=True) if env.is_main else None
-    run_ = StageRun(STAGE, ctx.out, env)
-    seed_stream(ctx.seed, env)
-    start, _ = restore_state(run_, state)
+    stage_run, start = begin_training(ctx, STAGE, state)
     model = wrap_ddp(dit, env)
 
     accum = cfg.grad_accum
-    per_rank = micro_batch(cfg.batch_size, env, accum, "dit")
+    per_rank = micro_batch(cfg.batch_size, env, accum, STAGE)
     batches = ShardedBatches(n, per_rank, env, seed=ctx.seed, flip_prob=0.5 if hflip else 0.0)(start * accum)
     grid_classes = min(preset.dit.num_classes, MAX_GRID_CLASSES)
 
@@ -96,10 +95,9 @@ def fit(ctx: StageContext) -> tuple[dict[str, Any], Trainables]:
             y = labels[idx].to(env.device)
             noise = torch.randn_like(x)
             t = sample_training_t(x.shape[0], cfg.train_shift, device=env.device)
-            drop = (torch.rand(x.shape[0]) < cfg.label_dropout).to(env.device)
+            drop = (torch.rand(x.shape[0]) < preset.dit.class_dropout).to(env.device)
             x_t, v_target = interpolate(x, noise, t)
-            sync = model.no_sync() if (env.distributed and k < accum - 1) else contextlib.nullcontext()
-            with sync, run_.autocast(True):
+            with grad_sync(model, env, k, accum), stage_run.autocast(True):
                 v_pred = model(x_t, t, y, force_drop=drop)
                 loss, parts = flow_loss(v_pred.float(), v_target)
                 (loss / accum).backward()
@@ -119,35 +117,25 @@ def fit(ctx: StageContext) -> tuple[dict[str, Any], Trainables]:
             _write_grid(ctx, ema, pae, grid_classes, mean, std, done)
             barrier(env)
 
-    try:
-        last = train_loop(
-            run_,
-            state,
-            cfg.steps,
-            step_fn,
-            cfg.log_every,
-            cfg.ckpt_every,
-            start_step=start,
-            on_step_end=on_step_end,
-            stop_at=ctx.stop_at,
-        )
-    finally:
-        run_.close()
-    if last["step"] < cfg.steps:
-        return {"finished": False, "step": int(last["step"])}, state
+    def save() -> None:
+        assets.save_weights(ctx.out / DIT_EMA_FILE, ema.state_dict())
 
-    if env.is_main:
-        assets.save_weights(ctx.out / assets.DIT_EMA_FILE, ema.state_dict())
-    barrier(env)
-    ctx.write_metrics({"train": {STAGE: train_summary(last)}})
-    record = {
-        "finished": True,
-        "steps": cfg.steps,
-        "wall_s": last.get("wall_s"),
-        "world_size": env.world_size,
-        "dit_ema_sha256": file_digest(ctx.out / assets.DIT_EMA_FILE),
-        "samples": samples_path(ctx, cfg.steps),
-    }
+    record = train_and_record(
+        ctx,
+        stage_run,
+        state,
+        step_fn,
+        steps=cfg.steps,
+        log_every=cfg.log_every,
+        ckpt_every=cfg.ckpt_every,
+        start_step=start,
+        save=save,
+        outputs=lambda: {
+            "dit_ema_sha256": sha256_file(ctx.out / DIT_EMA_FILE),
+            "samples": samples_path(ctx, cfg.steps),
+        },
+        on_step_end=on_step_end,
+    )
     return record, state
 
 
