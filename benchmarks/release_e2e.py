@@ -26,7 +26,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from benchmarks.machine import describe
+from benchmarks.machine import describe, mark_quotable
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = ROOT / "tests" / "data" / "official"
@@ -243,10 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         report["total_wall_s"] = round(time.perf_counter() - started, 1)
         report["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
-        # Times from a machine busy with other work are upper bounds, not figures to compare.
-        report["quotable"] = report["machine"]["load_average_start"][0] <= 1.0
-        if not report["quotable"]:
-            print("warning: load average above 1 at the start; the times are upper bounds", file=sys.stderr)
+        report = mark_quotable(report, affects="its wall times and latencies (not its sizes or RSS)")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
         if not args.keep:
