@@ -26,6 +26,7 @@ from service.api import errors, health, inference, models, openapi
 from service.api.middleware import BodyLimit, RequestMetrics
 from service.api.state import AppState, attach, state_of
 from service.settings import Settings
+from service.timing import ServerTiming
 
 ROUTERS = (inference.router, models.router, health.router)
 
@@ -56,7 +57,9 @@ def build_app(state: AppState) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
     app.add_middleware(BodyLimit, max_bytes=state.settings.max_body_bytes)
-    # The middleware added last is outermost: the metrics see every answer, the body limit's 413 too.
+    # The middleware added last is outermost: the metrics see every answer, the body limit's 413 too,
+    # and Server-Timing's `app` stage holds all the app's time.
     app.add_middleware(RequestMetrics, routes=[route for router in ROUTERS for route in router.routes])
+    app.add_middleware(ServerTiming)
     openapi.install(app, state)
     return app

@@ -34,6 +34,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
+from service import timing
 from service.errors import DeadlineExceeded, JobFailed, QueueFull, Unavailable
 
 log = logging.getLogger(__name__)
@@ -315,9 +316,11 @@ class BrokerClient:
                     f"the {task} queue is full ({int(result[1])} queued, QUEUE_MAX_LEN={self.queue_max_len}, "
                     f"this request adds {len(payloads)}); retry later"
                 )
+            timing.mark("enqueue")
             timeout = (deadline_ms - now_ms()) / 1000
             try:
                 replies = await asyncio.wait_for(asyncio.gather(*futures), timeout=max(timeout, 0.001))
+                timing.mark("wait")
             except asyncio.TimeoutError:
                 await self._cancel(request_id, deadline_ms)
                 raise DeadlineExceeded(

@@ -16,6 +16,7 @@ import base64
 import binascii
 import io
 import json
+import math
 import warnings
 
 import numpy as np
@@ -160,7 +161,7 @@ def _check_shape_list(shape: object, max_elements: int) -> tuple[int, ...]:
         raise BadInput(f"latent 'shape' must be a non-empty list of integers, got {shape!r}")
     if any(d < 1 for d in shape):
         raise BadInput(f"latent 'shape' sizes must be positive, got {shape}")
-    count = int(np.prod(shape, dtype=np.float64))
+    count = math.prod(shape)
     if count > max_elements:
         raise BadInput(
             f"latent 'shape' {shape} has {count} elements, more than the {max_elements} a request may hold "
@@ -181,10 +182,10 @@ def latents_from_json(payload: object, latent_shape: tuple[int, ...], max_items:
     dtype = payload["dtype"]
     if dtype not in (LATENT_DTYPE, "<f4"):
         raise BadInput(f"latent dtype must be 'float32' (little-endian), got {dtype!r}")
-    max_elements = max_items * int(np.prod(latent_shape))
+    max_elements = max_items * math.prod(latent_shape)
     shape = _check_shape_list(payload["shape"], max_elements)
     raw = decode_base64(payload["data"], "latent 'data'")
-    expected = int(np.prod(shape)) * 4
+    expected = math.prod(shape) * 4
     if len(raw) != expected:
         raise BadInput(
             f"latent 'data' holds {len(raw)} bytes but shape {list(shape)} of float32 needs {expected}"
@@ -214,9 +215,9 @@ def latents_from_npy(data: bytes, latent_shape: tuple[int, ...], max_items: int)
         raise BadInput("npy arrays of Python objects are refused (they would need pickle)")
     if dtype != np.dtype("<f4") and dtype != np.dtype(">f4"):
         raise BadInput(f"latent dtype must be float32, got {dtype.str} ({dtype})")
-    max_elements = max_items * int(np.prod(latent_shape))
+    max_elements = max_items * math.prod(latent_shape)
     shape = _check_shape_list(list(shape), max_elements)
-    expected = int(np.prod(shape)) * 4
+    expected = math.prod(shape) * 4
     raw = stream.read()
     if len(raw) != expected:
         raise BadInput(

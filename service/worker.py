@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -60,7 +61,7 @@ def _parse(task: str, job: Job, runtime: Runtime) -> np.ndarray | tuple[int, int
         shape, dtype = (3, cfg.image_size, cfg.image_size), np.uint8
     else:
         shape, dtype = cfg.latent_shape, np.dtype("<f4")
-    expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    expected = math.prod(shape) * np.dtype(dtype).itemsize
     if len(data) != expected:
         raise JobInputError(f"{task} job holds {len(data)} bytes, the model needs {expected} ({shape})")
     return np.frombuffer(data, dtype=dtype).reshape(shape)

@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from export.repository import ModelConfig
 from model.sampling import SamplerConfig
-from service import codecs
+from service import codecs, timing
 from service.api import bodies
 from service.api.auth import require_key
 from service.api.jobs import Deadline, run_jobs, timing_headers
@@ -72,6 +72,7 @@ async def encode(request: Request, state: State, due: Deadline) -> Response:
         else:
             images.append(await run_in_threadpool(codecs.finish_image, img, size))
     payloads = [{"data": img.tobytes()} for img in images]
+    timing.mark("parse")
     replies = await run_jobs(request, state.jobs(), "encode", payloads, due)
     latents = np.stack([np.frombuffer(r.data, dtype="<f4").reshape(r.shape) for r in replies])
     headers = timing_headers(replies)
@@ -99,6 +100,7 @@ async def encode(request: Request, state: State, due: Deadline) -> Response:
 @endpoint_label("decode")
 async def decode(request: Request, state: State, due: Deadline) -> Response:
     latents = await bodies.read_latents(request, state)
+    timing.mark("parse")
     replies = await run_jobs(request, state.jobs(), "decode", [{"data": z.tobytes()} for z in latents], due)
     images = [ImageOut(png=p) for p in await pngs(replies, state.config.image_size)]
     return png_response(request, state, images, replies)
@@ -127,6 +129,7 @@ async def generate(request: Request, state: State, due: Deadline) -> Response:
     first = body.seed if body.seed is not None else secrets.randbelow(2**31)
     seeds = [first + i for i in range(body.num_images)]
     payloads = [{"label": str(label), "seed": str(s), "sampler": key} for s in seeds]
+    timing.mark("parse")
     replies = await run_jobs(request, state.jobs(), "generate", payloads, due)
     images = [
         ImageOut(png=p, seed=s, class_label=label, class_name=config.class_names[label])
