@@ -47,6 +47,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="intra-op threads of every server and the ceiling (0: ORT's)",
     )
     parser.add_argument("--batch", type=int, default=16, help="batch size of the ceiling (the servers' max)")
+    parser.add_argument("--ceiling-seconds", type=float, default=1.5, help="timing per graph and batch size")
     parser.add_argument("--repository", type=Path, default=ROOT / "model_repository")
     parser.add_argument("--model", default="fmnist32-tiny")
     parser.add_argument("--out", type=Path, default=RESULTS / "peers.json")
@@ -59,13 +60,19 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse(argv)
-    if "ray" in args.servers and not ray_available():
+def available(servers: Sequence[str]) -> list[str]:
+    """`servers` without Ray Serve when it is not installed (said on stderr)."""
+    if "ray" in servers and not ray_available():
         print(
             "Ray Serve is not installed (pip install -e '.[peers]'): skipping the ray peer", file=sys.stderr
         )
-        args.servers.remove("ray")
+        return [s for s in servers if s != "ray"]
+    return list(servers)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse(argv)
+    args.servers = available(args.servers)
     machine = machine_info()
     version_dir = resolve_version_dir(args.repository, args.model)
     shape = ModelShape.load(args.repository, args.model)

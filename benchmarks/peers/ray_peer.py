@@ -8,14 +8,17 @@ service's defaults (16 images, 5 ms) and `max_ongoing_requests` admits the bench
 concurrency, so batches can fill. Ray is an optional extra (`pip install -e '.[peers]'`).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Ray ships the deployment class to its replica with
+# cloudpickle, which keeps only the globals the code uses, so FastAPI there could not resolve the
+# `Request` annotation from a string.
 import argparse
 import signal
 import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+
+from fastapi import FastAPI, Request
 
 MAX_BATCH = 16
 BATCH_WAIT_S = 0.005
@@ -24,7 +27,6 @@ MAX_ONGOING = 256
 
 def build(version_dir: Path, intra_op_threads: int):  # -> ray.serve Application
     import numpy as np
-    from fastapi import FastAPI, Request
     from ray import serve
 
     from benchmarks.peers.graphs import Graphs, images_answer, latents_answer
@@ -81,8 +83,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    serve.shutdown()
-    ray.shutdown()
+    ray.shutdown()  # stops the local cluster (its raylet ends the actors); serve.shutdown() drains for minutes
 
 
 if __name__ == "__main__":

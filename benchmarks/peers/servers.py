@@ -11,8 +11,10 @@ process tree (API, worker and redis-server; Ray's raylet, GCS, proxy and replica
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import signal
 import statistics
 import sys
 import time
@@ -52,7 +54,14 @@ class Running:
         return tree_cpu_seconds(self.proc.pid)
 
     def stop(self) -> None:
+        """SIGTERM, SIGKILL after 20 s, then SIGKILL whatever is left of its session (Ray's actors
+        leave the process group, not the session)."""
         stop_process(self.proc, grace_s=20.0)
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError, IndexError):
+                    if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[3]) == self.proc.pid:
+                        os.kill(int(entry.name), signal.SIGKILL)
 
 
 def start_server(name: str, version_dir: Path, threads: int, log_dir: Path) -> Running:
@@ -95,14 +104,15 @@ def start_server(name: str, version_dir: Path, threads: int, log_dir: Path) -> R
 
 
 def tree_cpu_seconds(root: int) -> dict[str, float]:
-    """User + system CPU seconds of `root` and every live descendant, summed per program name.
+    """User + system CPU seconds of `root`, every live descendant and every process of `root`'s
+    session, summed per program name.
 
-    Descendants, not the session: the service's worker and redis-server run in sessions of their
-    own. A process that has exited takes its share with it, so measure across intervals in which
-    the server's processes live.
+    Both, because the service's worker and redis-server run in sessions of their own, and Ray's
+    actors (proxy, replica) are re-parented to init but stay in the session. A process that has
+    exited takes its share with it, so measure across intervals in which the server's processes live.
     """
     tick = os.sysconf("SC_CLK_TCK")
-    stats: dict[int, tuple[int, str, float]] = {}
+    stats: dict[int, tuple[int, int, str, float]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -113,19 +123,23 @@ def tree_cpu_seconds(root: int) -> dict[str, float]:
         fields = rest.split()
         stats[int(entry.name)] = (
             int(fields[1]),
+            int(fields[3]),
             head.split("(", 1)[1],
             (int(fields[11]) + int(fields[12])) / tick,
         )
     children: dict[int, list[int]] = {}
-    for pid, (parent, _name, _cpu) in stats.items():
+    for pid, (parent, _session, _name, _cpu) in stats.items():
         children.setdefault(parent, []).append(pid)
-    totals: dict[str, float] = {}
+    members = {pid for pid, (_parent, session, _name, _cpu) in stats.items() if session == root}
     todo = [root] if root in stats else []
     while todo:
         pid = todo.pop()
-        _parent, name, cpu = stats[pid]
-        totals[name] = totals.get(name, 0.0) + cpu
+        members.add(pid)
         todo.extend(children.get(pid, ()))
+    totals: dict[str, float] = {}
+    for pid in members:
+        _parent, _session, name, cpu = stats[pid]
+        totals[name] = totals.get(name, 0.0) + cpu
     return totals
 
 

@@ -27,6 +27,7 @@ class Plan:
     repetitions: int
     threads: int
     batch: int
+    ceiling_s: float = 1.5
 
 
 def point_summary(
@@ -92,7 +93,7 @@ def run_sweep(
     ceilings = []
     with tempfile.TemporaryDirectory(prefix="pae-peers-") as logs:
         for rep in range(plan.repetitions):
-            ceiling = graph_ceiling(version_dir, plan.threads, plan.batch)
+            ceiling = graph_ceiling(version_dir, plan.threads, plan.batch, plan.ceiling_s)
             ceilings.append(ceiling)
             log(f"rep {rep + 1}: ceiling {ceiling}")
             order = list(plan.servers) if rep % 2 == 0 else list(reversed(plan.servers))
