@@ -4,7 +4,8 @@ One asyncio loop per task reads up to `MAX_BATCH_SIZE_<TASK>` jobs; when traffic
 read, or the previous batch, held more than one job) it then waits at most `MAX_WAIT_MS_<TASK>` for
 the batch to fill (Triton's max queue delay). A lone job on an idle queue runs at once: waiting for
 company that is not coming only adds latency (measured at concurrency 1: p50 5 → 11 ms with the
-wait, for no gain), and under load batches form anyway while the previous one computes. Before running
+wait, for no gain), and under load batches form anyway while the previous one computes: the next
+batch is read, filled and screened while one computes (`PIPELINE_DEPTH`). Before running
 a batch it drops jobs whose deadline has passed or whose request was cancelled, so abandoned work
 is never computed. Compute runs on one thread shared by all tasks (one model, one device; parallel
 batches would only fight for the same cores) while the event loop keeps heartbeats and Redis I/O
@@ -43,6 +44,10 @@ HEARTBEAT_INTERVAL_S = 1.0
 HEARTBEAT_TTL_MS = 5_000
 POLL_MS = 250
 FILL_POLL_S = 0.001
+PIPELINE_DEPTH = 2
+"""Batches of one task a worker holds at once: one computing, the next read, screened and queued for
+the compute thread meanwhile, so Redis round trips and the batch-fill wait overlap the compute
+instead of idling it between batches; a third would only hold jobs another worker could run."""
 
 
 class JobInputError(ValueError):
@@ -136,6 +141,7 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.keys = Keys.for_model(runtime.config.name, runtime.config.version)
         self._stopping = threading.Event()
+        self._held: dict[str, set[bytes]] = {task: set() for task in self.tasks}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pae-compute")
         self.started = threading.Event()
         info = runtime.info()
@@ -212,12 +218,13 @@ class Worker:
         next_claim = 0.0
         backoff = 0.1
         last_batch = 0
+        in_flight: set[asyncio.Task[None]] = set()
         while not self._stopping.is_set():
             try:
                 jobs: list[Job] = []
                 if time.monotonic() >= next_claim:
                     next_claim = time.monotonic() + claim_every
-                    claimed, dead = await self.broker.reclaim(task, max_batch)
+                    claimed, dead = await self.broker.reclaim(task, max_batch, self._held[task])
                     metrics.RECLAIMED.labels(task).inc(len(claimed))
                     metrics.DEAD_LETTERED.labels(task).inc(len(dead))
                     jobs.extend(claimed)
@@ -229,7 +236,8 @@ class Worker:
                     if len(jobs) > 1 or last_batch > 1:
                         await self._fill(task, jobs, max_batch)
                     last_batch = len(jobs)
-                    await self._process(task, jobs)
+                    in_flight.add(asyncio.create_task(self._hold(task, jobs)))
+                    in_flight = await self._settle(task, in_flight, PIPELINE_DEPTH - 1)
                 else:
                     metrics.QUEUE_DEPTH.labels(task).set(await self.broker.depth(task))
                 backoff = 0.1
@@ -244,6 +252,36 @@ class Worker:
                 log.exception("worker %s, %s loop: unexpected error; continuing", self.worker_id, task)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
+        await self._settle(task, in_flight, 0)
+
+    async def _hold(self, task: str, jobs: list[Job]) -> None:
+        """Process a batch, its entries marked as this worker's own meanwhile: with a batch waiting
+        for the compute thread behind another, a job can sit pending longer than CLAIM_IDLE_MS,
+        and the loop's own reclaim must not run it a second time."""
+        ids = {job.entry_id for job in jobs}
+        self._held[task] |= ids
+        try:
+            await self._process(task, jobs)
+        finally:
+            self._held[task] -= ids
+
+    async def _settle(
+        self, task: str, batches: set[asyncio.Task[None]], keep: int
+    ) -> set[asyncio.Task[None]]:
+        """Wait until at most `keep` of the batches handed on are unfinished; return those.
+
+        A batch that failed left its jobs pending (they are reclaimed, and dead-lettered if they keep
+        failing), so its error is logged here and the loop goes on.
+        """
+        while len(batches) > keep:
+            done, batches = await asyncio.wait(batches, return_when=asyncio.FIRST_COMPLETED)
+            for batch in done:
+                exc = batch.exception()
+                if isinstance(exc, RedisError | OSError):
+                    log.warning("worker %s, %s batch: Redis error %s", self.worker_id, task, exc)
+                elif exc is not None:
+                    log.error("worker %s, %s batch failed", self.worker_id, task, exc_info=exc)
+        return batches
 
     async def _fill(self, task: str, jobs: list[Job], max_batch: int) -> None:
         """Wait up to MAX_WAIT_MS after the first job for more, so batches form under load.

@@ -9,18 +9,19 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from service.broker import now_ms
+from service.broker import GROUP, now_ms
 from service.codecs import to_uint8
 from service.redis_server import RedisServer
 from service.runtimes.onnxruntime import OnnxRuntime
 from tests.service.conftest import sample
-from tests.service.test_broker import Harness, latent_payload
+from tests.service.test_broker import KEYS, Harness, latent_payload
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +144,83 @@ def test_replies_computed_during_a_redis_outage_are_delivered(
         store.stop()
     z = np.frombuffer(payload["data"], "<f4").reshape(1, 4, 4, 4)
     assert data == to_uint8(runtime.decode(z))[0].tobytes()
+
+
+class GatedRuntime:
+    """The tiny runtime with its decode calls numbered `held` held at a gate until a test opens it."""
+
+    def __init__(self, runtime: OnnxRuntime, held: set[int]) -> None:
+        self.runtime, self.config, self.held = runtime, runtime.config, held
+        self.gate, self.waiting = threading.Event(), threading.Event()
+        self.batches: list[int] = []
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        self.batches.append(len(latents))
+        if len(self.batches) in self.held:
+            self.waiting.set()
+            assert self.gate.wait(20), "the test never opened the gate"
+        return self.runtime.decode(latents)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.runtime, name)
+
+
+async def delivered(h: Harness, count: int) -> int:
+    """Wait (up to 5 s) until `count` decode jobs are delivered to a worker and not yet acknowledged."""
+    for _ in range(500):
+        pending = (await h.redis.xpending(KEYS.jobs("decode"), GROUP))["pending"]
+        if pending == count:
+            break
+        await asyncio.sleep(0.01)
+    return pending
+
+
+async def until(event: threading.Event) -> None:
+    while not event.is_set():
+        await asyncio.sleep(0.01)
+
+
+def test_the_next_batch_is_read_while_one_computes(
+    clean_redis: str, tiny_repository: Path, runtime: OnnxRuntime
+) -> None:
+    """While a batch computes, the worker already reads, screens and queues the next one, so no Redis
+    round trip or fill wait leaves the compute thread idle between batches."""
+    gated = GatedRuntime(runtime, held={1})
+
+    async def scenario() -> None:
+        async with Harness(clean_redis, tiny_repository, gated) as h:  # type: ignore[arg-type]
+            await h.start_worker()
+            deadline = now_ms() + 20_000
+            first = asyncio.create_task(h.client.submit("decode", [latent_payload(1)], deadline))
+            await until(gated.waiting)
+            second = asyncio.create_task(h.client.submit("decode", [latent_payload(2)] * 3, deadline))
+            assert await delivered(h, 4) == 4 and not first.done()
+            gated.gate.set()
+            replies = await asyncio.wait_for(asyncio.gather(first, second), 15)
+            assert [len(r) for r in replies] == [1, 3]
+
+    asyncio.run(scenario())
+    assert gated.batches == [1, 3]
+
+
+def test_a_held_batch_is_not_claimed_back_and_run_twice(
+    clean_redis: str, tiny_repository: Path, runtime: OnnxRuntime
+) -> None:
+    """A job can sit pending in this worker's hands past CLAIM_IDLE_MS (its batch queued behind
+    another, or computing long); the worker's own reclaim must leave it to the batch it is in."""
+    gated = GatedRuntime(runtime, held={2})
+
+    async def scenario() -> None:
+        async with Harness(clean_redis, tiny_repository, gated, claim_idle_ms=200) as h:  # type: ignore[arg-type]
+            await h.start_worker()
+            deadline = now_ms() + 20_000
+            await h.client.submit("decode", [latent_payload(1)], deadline)
+            held = asyncio.create_task(h.client.submit("decode", [latent_payload(2)] * 2, deadline))
+            await until(gated.waiting)
+            await asyncio.sleep(1.0)  # several reclaim rounds of the worker's loop, each past CLAIM_IDLE_MS
+            gated.gate.set()
+            assert len(await asyncio.wait_for(held, 15)) == 2
+            await h.drained("decode")
+
+    asyncio.run(scenario())
+    assert gated.batches == [1, 2]
