@@ -5,11 +5,13 @@ read, or the previous batch, held more than one job) it then waits at most `MAX_
 the batch to fill (Triton's max queue delay). A lone job on an idle queue runs at once: waiting for
 company that is not coming only adds latency (measured at concurrency 1: p50 5 → 11 ms with the
 wait, for no gain), and under load batches form anyway while the previous one computes: the next
-batch is read, filled and screened while one computes (`PIPELINE_DEPTH`). Before running
+batch is read, filled, screened and queued for the compute thread while one computes, so Redis round
+trips and the fill wait do not idle the compute between batches (one batch in hand per compute
+thread, plus the one being read: more would only hold jobs another worker could run). Before running
 a batch it drops jobs whose deadline has passed or whose request was cancelled, so abandoned work
-is never computed. Compute runs on one thread shared by all tasks (one model, one device; parallel
-batches would only fight for the same cores) while the event loop keeps heartbeats and Redis I/O
-going. Jobs left pending by a dead worker are taken over with XAUTOCLAIM; SIGTERM stops reading,
+is never computed. Compute runs on a pool of `COMPUTE_THREADS` threads shared by all tasks (by
+default one, or one per core for single-threaded ONNX Runtime sessions on CPU: `Settings.batch_threads`)
+while the event loop keeps heartbeats and Redis I/O going. Jobs left pending by a dead worker are taken over with XAUTOCLAIM; SIGTERM stops reading,
 finishes and answers what was read, then deregisters.
 """
 
@@ -44,10 +46,6 @@ HEARTBEAT_INTERVAL_S = 1.0
 HEARTBEAT_TTL_MS = 5_000
 POLL_MS = 250
 FILL_POLL_S = 0.001
-PIPELINE_DEPTH = 2
-"""Batches of one task a worker holds at once: one computing, the next read, screened and queued for
-the compute thread meanwhile, so Redis round trips and the batch-fill wait overlap the compute
-instead of idling it between batches; a third would only hold jobs another worker could run."""
 
 
 class JobInputError(ValueError):
@@ -142,7 +140,8 @@ class Worker:
         self.keys = Keys.for_model(runtime.config.name, runtime.config.version)
         self._stopping = threading.Event()
         self._held: dict[str, set[bytes]] = {task: set() for task in self.tasks}
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pae-compute")
+        self.batch_threads = settings.batch_threads
+        self._executor = ThreadPoolExecutor(max_workers=self.batch_threads, thread_name_prefix="pae-compute")
         self.started = threading.Event()
         info = runtime.info()
         metrics.MODEL_INFO.labels(
@@ -198,6 +197,7 @@ class Worker:
             "pid": os.getpid(),
             "tasks": list(self.tasks),
             "max_batch_size": {t: self.settings.max_batch_size[t] for t in self.tasks},
+            "compute_threads": self.batch_threads,
             **self.runtime.info(),
         }
 
@@ -237,7 +237,8 @@ class Worker:
                         await self._fill(task, jobs, max_batch)
                     last_batch = len(jobs)
                     in_flight.add(asyncio.create_task(self._hold(task, jobs)))
-                    in_flight = await self._settle(task, in_flight, PIPELINE_DEPTH - 1)
+                    # One batch per compute thread in hand, and the next read meanwhile.
+                    in_flight = await self._settle(task, in_flight, self.batch_threads)
                 else:
                     metrics.QUEUE_DEPTH.labels(task).set(await self.broker.depth(task))
                 backoff = 0.1

@@ -5,7 +5,9 @@
 Ray Serve's documented pattern: a FastAPI ingress deployment whose handlers decode the request and
 await a `@serve.batch` method, which runs the graph on the whole batch. Batch size and wait are the
 service's defaults (16 images, 5 ms) and `max_ongoing_requests` admits the benchmark's highest
-concurrency, so batches can fill. Ray is an optional extra (`pip install -e '.[peers]'`).
+concurrency, so batches can fill. It gets as many replicas as the service's worker gets compute
+threads (`Settings.batch_threads`: one per core with single-threaded sessions), Ray's way of
+computing several batches at once. Ray is an optional extra (`pip install -e '.[peers]'`).
 """
 
 # No `from __future__ import annotations`: Ray ships the deployment class to its replica with
@@ -20,12 +22,14 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 
+from service.settings import Settings
+
 MAX_BATCH = 16
 BATCH_WAIT_S = 0.005
 MAX_ONGOING = 256
 
 
-def build(version_dir: Path, intra_op_threads: int):  # -> ray.serve Application
+def build(version_dir: Path, intra_op_threads: int, replicas: int):  # -> ray.serve Application
     import numpy as np
     from ray import serve
 
@@ -33,7 +37,9 @@ def build(version_dir: Path, intra_op_threads: int):  # -> ray.serve Application
 
     app = FastAPI(title="Ray Serve peer")
 
-    @serve.deployment(num_replicas=1, max_ongoing_requests=MAX_ONGOING, ray_actor_options={"num_cpus": 0})
+    @serve.deployment(
+        num_replicas=replicas, max_ongoing_requests=MAX_ONGOING, ray_actor_options={"num_cpus": 0}
+    )
     @serve.ingress(app)
     class Peer:
         def __init__(self) -> None:
@@ -78,7 +84,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit("Ray Serve is not installed: pip install -e '.[peers]'")
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    serve.run(build(args.version_dir.resolve(), args.intra_op_threads), name="peer", route_prefix="/")
+    replicas = Settings(ort_intra_op_threads=args.intra_op_threads).batch_threads
+    serve.run(
+        build(args.version_dir.resolve(), args.intra_op_threads, replicas), name="peer", route_prefix="/"
+    )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

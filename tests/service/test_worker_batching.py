@@ -188,7 +188,7 @@ def test_the_next_batch_is_read_while_one_computes(
     gated = GatedRuntime(runtime, held={1})
 
     async def scenario() -> None:
-        async with Harness(clean_redis, tiny_repository, gated) as h:  # type: ignore[arg-type]
+        async with Harness(clean_redis, tiny_repository, gated, compute_threads=1) as h:  # type: ignore[arg-type]
             await h.start_worker()
             deadline = now_ms() + 20_000
             first = asyncio.create_task(h.client.submit("decode", [latent_payload(1)], deadline))
@@ -211,7 +211,9 @@ def test_a_held_batch_is_not_claimed_back_and_run_twice(
     gated = GatedRuntime(runtime, held={2})
 
     async def scenario() -> None:
-        async with Harness(clean_redis, tiny_repository, gated, claim_idle_ms=200) as h:  # type: ignore[arg-type]
+        async with Harness(  # type: ignore[arg-type]
+            clean_redis, tiny_repository, gated, claim_idle_ms=200, compute_threads=1
+        ) as h:
             await h.start_worker()
             deadline = now_ms() + 20_000
             await h.client.submit("decode", [latent_payload(1)], deadline)
@@ -221,6 +223,27 @@ def test_a_held_batch_is_not_claimed_back_and_run_twice(
             gated.gate.set()
             assert len(await asyncio.wait_for(held, 15)) == 2
             await h.drained("decode")
+
+    asyncio.run(scenario())
+    assert gated.batches == [1, 2]
+
+
+def test_two_compute_threads_run_two_batches_at_once(
+    clean_redis: str, tiny_repository: Path, runtime: OnnxRuntime
+) -> None:
+    """COMPUTE_THREADS=2: a second batch computes and answers while the first is still computing."""
+    gated = GatedRuntime(runtime, held={1})
+
+    async def scenario() -> None:
+        async with Harness(clean_redis, tiny_repository, gated, compute_threads=2) as h:  # type: ignore[arg-type]
+            await h.start_worker()
+            deadline = now_ms() + 20_000
+            first = asyncio.create_task(h.client.submit("decode", [latent_payload(1)], deadline))
+            await until(gated.waiting)
+            second = await asyncio.wait_for(h.client.submit("decode", [latent_payload(2)] * 2, deadline), 10)
+            assert len(second) == 2 and not first.done()
+            gated.gate.set()
+            assert len(await asyncio.wait_for(first, 10)) == 1
 
     asyncio.run(scenario())
     assert gated.batches == [1, 2]
