@@ -20,23 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.machine import describe, mark_quotable
+from benchmarks.runtime_probe import graph_inputs, investigate
+from benchmarks.timing import THREADS, count_flops, interleaved, matmul_gflops, ort_session
 from export.exporter import export_checkpoint, graph_modules
-from export.onnx_graphs import GRAPHS as EXPORT_GRAPHS
-from export.onnx_graphs import export_onnx
-from export.samples import parity_images
 from model.checkpoint import LoadedCheckpoint, is_complete, load_checkpoint, write_checkpoint
 from model.flow import TorchNetworks
 from model.lightningdit import LightningDiT
@@ -48,7 +42,6 @@ GRAPHS = ("encoder", "decoder", "dit")
 BATCHES = (1, 8, 32)
 PIPELINE_STEPS = (10, 25, 50)
 PIPELINE_BATCH = 8
-THREADS = 2
 TARGET_RATIO = 1.3
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -58,91 +51,6 @@ def machine() -> dict:
     import onnxruntime
 
     return describe(onnxruntime=onnxruntime.__version__, threads=THREADS)
-
-
-def ort_session(path: Path, threads: int = THREADS, level: str = "all", profile_prefix: str | None = None):
-    """The serving configuration: CPU EP, `threads` intra-op threads, no spinning, full optimisation."""
-    import onnxruntime as ort
-
-    levels = {
-        "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }
-    options = ort.SessionOptions()
-    options.graph_optimization_level = levels[level]
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    if profile_prefix:
-        options.enable_profiling = True
-        options.profile_file_prefix = profile_prefix
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-
-
-def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each function, timed in alternation after `warmup` calls each.
-
-    The order flips every repetition (A B, B A, …) so a load change on a shared machine does not
-    always land on the same side. `paired_ratio` is the median over repetitions of
-    time(first) / time(second) within a repetition: the most drift-robust ratio.
-    """
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    keys = list(fns)
-    for rep in range(reps):
-        for key in keys if rep % 2 == 0 else reversed(keys):
-            start = time.perf_counter()
-            fns[key]()
-            times[key].append(time.perf_counter() - start)
-    out = {k: statistics.median(v) for k, v in times.items()}
-    if len(keys) == 2:
-        a, b = (times[k] for k in keys)
-        out["paired_ratio"] = statistics.median(x / y for x, y in zip(a, b, strict=True))
-    return out
-
-
-def matmul_gflops(workdir: Path, n: int = 1024, reps: int = 9, threads: int = THREADS) -> dict[str, float]:
-    """float32 n×n matmul GFLOP/s at the benchmark's thread count, in torch and in ORT (a one-node graph).
-
-    The best of `reps` calls: the peak is what the machine can do, and on a shared machine the
-    median mostly measures the neighbours. The larger of the two is the practical limit.
-    """
-    from onnx import TensorProto, helper, save
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["a", "b"], ["c"])],
-        "matmul",
-        [helper.make_tensor_value_info(k, TensorProto.FLOAT, [n, n]) for k in ("a", "b")],
-        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])],
-    )
-    path = workdir / "matmul.onnx"
-    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
-    session = ort_session(path, threads=threads)
-    feeds = {"a": a.numpy(), "b": b.numpy()}
-    best = {"torch": float("inf"), "onnxruntime": float("inf")}
-    calls = {"torch": lambda: a @ b, "onnxruntime": lambda: session.run(None, feeds)}
-    for _ in range(3):
-        for fn in calls.values():
-            fn()
-    for _ in range(reps):
-        for key, fn in calls.items():
-            start = time.perf_counter()
-            fn()
-            best[key] = min(best[key], time.perf_counter() - start)
-    return {k: 2 * n**3 / v / 1e9 for k, v in best.items()}
-
-
-def count_flops(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
-    """matmul/conv FLOPs of one forward call (attention via its math kernel so it is counted)."""
-    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        module(*inputs)
-    return int(counter.get_total_flops())
 
 
 def random_checkpoint(directory: Path, preset_name: str = "fmnist32-tiny", seed: int = 0) -> Path:
@@ -155,26 +63,6 @@ def random_checkpoint(directory: Path, preset_name: str = "fmnist32-tiny", seed:
             p.add_(0.02 * torch.randn_like(p))  # wake the zero-initialised layers up
     d = preset.pae.latent_dim
     return write_checkpoint(directory, preset, pae, dit, torch.zeros(d), torch.ones(d))
-
-
-def graph_inputs(ckpt: LoadedCheckpoint, graph: str, batch: int) -> dict[str, np.ndarray]:
-    """Realistic inputs: real images, their latents, noised latents with real-looking labels."""
-    size = ckpt.preset.pae.image_size
-    images, _ = parity_images(batch, size)
-    if graph == "encoder":
-        return {"images": images.numpy()}
-    with torch.inference_mode():
-        z = ckpt.pae.encode(images)
-    if graph == "decoder":
-        return {"latents": z.numpy()}
-    gen = torch.Generator().manual_seed(batch)
-    x = 0.5 * z + 0.5 * torch.randn(z.shape, generator=gen)
-    return {
-        "x": x.numpy(),
-        "t": np.full(batch, 0.5, np.float32),
-        "y": (np.arange(batch) % ckpt.preset.dit.num_classes).astype(np.int64),
-        "cfg_scale": np.full(batch, ckpt.preset.sampler.cfg_scale, np.float32),
-    }
 
 
 def bench_graphs(ckpt: LoadedCheckpoint, version_dir: Path, reps: int, peak: float) -> dict:
@@ -303,90 +191,6 @@ def bench_pipeline(ckpt: LoadedCheckpoint, version_dir: Path, reps: int) -> dict
             flush=True,
         )
     return out
-
-
-def profile_nodes(
-    path: Path, feeds: dict[str, np.ndarray], runs: int, workdir: Path, threads: int = THREADS
-) -> list[dict]:
-    """ORT's own profiler: share of kernel time per operator type, largest first."""
-    session = ort_session(path, threads=threads, profile_prefix=str(workdir / path.stem))
-    for _ in range(runs):
-        session.run(None, feeds)
-    trace = json.loads(Path(session.end_profiling()).read_text())
-    per_op: dict[str, float] = {}
-    for event in trace:
-        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
-            op = event.get("args", {}).get("op_name", "?")
-            per_op[op] = per_op.get(op, 0.0) + float(event.get("dur", 0))
-    total = sum(per_op.values()) or 1.0
-    ranked = sorted(per_op.items(), key=lambda kv: -kv[1])[:8]
-    return [{"op": op, "share": round(us / total, 4)} for op, us in ranked]
-
-
-def torch_profile(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], runs: int) -> list[dict]:
-    """Eager's share of self CPU time per aten op, for comparison with ORT's node profile."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(runs):
-            module(*inputs)
-    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
-    total = sum(e.self_cpu_time_total for e in events) or 1.0
-    ranked = sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]
-    return [{"op": e.key, "share": round(e.self_cpu_time_total / total, 4)} for e in ranked]
-
-
-def investigate(ckpt: LoadedCheckpoint, version_dir: Path, graph: str, reps: int, threads: int) -> dict:
-    """Why is ORT not ≥ 1.3× eager at batch 8 with `threads` threads? Profile, try knobs, bound it.
-
-    Tried, all against eager at the same thread count: each graph-optimisation level, the other
-    thread count, and a re-export at opset 23 (native Attention and RMSNormalization ops instead of
-    their decompositions). The bound: if eager already attains a fraction f of the matmul peak
-    measured at this thread count, no runtime can beat it by more than 1/f.
-    """
-    batch = 8
-    feeds = graph_inputs(ckpt, graph, batch)
-    module = graph_modules(ckpt)[graph].eval()
-    tensors = tuple(torch.from_numpy(v) for v in feeds.values())
-    path = version_dir / f"{graph}.onnx"
-    other = 1 if threads != 1 else THREADS
-
-    def eager():
-        with torch.inference_mode():
-            module(*tensors)
-
-    torch.set_num_threads(threads)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            opset23 = Path(tmp) / f"{graph}.opset23.onnx"
-            export_onnx(module, tensors, EXPORT_GRAPHS[graph], opset23, opset=23)
-            variants = {
-                f"ort_{lvl}": ort_session(path, threads=threads, level=lvl)
-                for lvl in ("basic", "extended", "all")
-            }
-            variants[f"ort_all_{other}thread"] = ort_session(path, threads=other)
-            variants["ort_all_opset23"] = ort_session(opset23, threads=threads)
-            fns: dict[str, Callable[[], object]] = {"eager": eager}
-            fns.update({name: (lambda s=s: s.run(None, feeds)) for name, s in variants.items()})
-            med = interleaved(fns, reps)
-            ort_ops = profile_nodes(path, feeds, 5, Path(tmp), threads)
-            peak = max(matmul_gflops(Path(tmp), threads=threads).values())
-        eager_gflops = count_flops(module, tensors) / med["eager"] / 1e9
-        eager_ops = torch_profile(module, tensors, 5)
-    finally:
-        torch.set_num_threads(THREADS)
-    return {
-        "batch": batch,
-        "threads": threads,
-        "ratio_eager_over_ort_by_setting": {
-            k: med["eager"] / v for k, v in med.items() if k not in ("eager", "paired_ratio")
-        },
-        "matmul_peak_gflops": peak,
-        "eager_frac_of_matmul_peak": eager_gflops / peak,
-        "max_possible_ratio": peak / eager_gflops,
-        "ort_kernel_time_by_op": ort_ops,
-        "eager_self_time_by_op": eager_ops,
-    }
 
 
 def plot(results: dict, path: Path) -> None:
