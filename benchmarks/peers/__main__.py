@@ -23,6 +23,7 @@ from pathlib import Path
 
 from benchmarks.machine import RESULTS, mark_quotable
 from benchmarks.peers.client import ENDPOINTS, Workload
+from benchmarks.peers.profile import py_spy
 from benchmarks.peers.report import TARGETS, figures, markdown_table, plot
 from benchmarks.peers.servers import SERVERS, ray_available
 from benchmarks.peers.sweep import Plan, run_sweep
@@ -48,6 +49,11 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--batch", type=int, default=16, help="batch size of the ceiling (the servers' max)")
     parser.add_argument("--ceiling-seconds", type=float, default=1.5, help="timing per graph and batch size")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy each server at the top concurrency (pip install py-spy)",
+    )
     parser.add_argument("--repository", type=Path, default=ROOT / "model_repository")
     parser.add_argument("--model", default="fmnist32-tiny")
     parser.add_argument("--out", type=Path, default=RESULTS / "peers.json")
@@ -85,9 +91,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         args.repetitions,
         args.ort_threads,
         args.batch,
+        args.ceiling_seconds,
+        args.profile,
     )
     started = time.time()
-    runs, ceilings = run_sweep(plan, version_dir, workload)
+    if args.profile and py_spy() is None:
+        sys.exit("--profile needs py-spy: pip install py-spy")
+    runs, ceilings, profiles = run_sweep(plan, version_dir, workload)
     result = mark_quotable(
         {
             "machine": machine,
@@ -106,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "targets": TARGETS,
             "figures": figures(runs, ceilings, args.batch),
             "ceilings": ceilings,
+            "profiles": profiles,
             "runs": runs,
         }
     )

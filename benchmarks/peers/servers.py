@@ -53,6 +53,14 @@ class Running:
     def cpu_seconds(self) -> dict[str, float]:
         return tree_cpu_seconds(self.proc.pid)
 
+    def python_processes(self) -> dict[str, int]:
+        """name → pid of its Python processes (API, worker; Ray's proxy and replicas)."""
+        found: dict[str, int] = {}
+        for pid, name in sorted(tree_members(self.proc.pid).items()):
+            if name.startswith(("pae-", "python", "ray::")) and "Dashboard" not in name:
+                found[name if name not in found else f"{name}-{pid}"] = pid
+        return found
+
     def stop(self) -> None:
         """SIGTERM, SIGKILL after 20 s, then SIGKILL whatever is left of its session (Ray's actors
         leave the process group, not the session)."""
@@ -103,16 +111,10 @@ def start_server(name: str, version_dir: Path, threads: int, log_dir: Path) -> R
     return Running(name, proc, port)
 
 
-def tree_cpu_seconds(root: int) -> dict[str, float]:
-    """User + system CPU seconds of `root`, every live descendant and every process of `root`'s
-    session, summed per program name.
-
-    Both, because the service's worker and redis-server run in sessions of their own, and Ray's
-    actors (proxy, replica) are re-parented to init but stay in the session. A process that has
-    exited takes its share with it, so measure across intervals in which the server's processes live.
-    """
+def _proc_table() -> dict[int, tuple[int, int, str, float]]:
+    """pid → (parent, session, program name, user + system CPU seconds) of every live process."""
     tick = os.sysconf("SC_CLK_TCK")
-    stats: dict[int, tuple[int, int, str, float]] = {}
+    table: dict[int, tuple[int, int, str, float]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -121,25 +123,42 @@ def tree_cpu_seconds(root: int) -> dict[str, float]:
         except OSError:
             continue
         fields = rest.split()
-        stats[int(entry.name)] = (
+        table[int(entry.name)] = (
             int(fields[1]),
             int(fields[3]),
             head.split("(", 1)[1],
             (int(fields[11]) + int(fields[12])) / tick,
         )
+    return table
+
+
+def tree_members(root: int, table: dict[int, tuple[int, int, str, float]] | None = None) -> dict[int, str]:
+    """pid → program name of `root`, its live descendants and every process of `root`'s session.
+
+    Both, because the service's worker and redis-server run in sessions of their own, and Ray's
+    actors (proxy, replica) are re-parented to init but stay in the session.
+    """
+    table = _proc_table() if table is None else table
     children: dict[int, list[int]] = {}
-    for pid, (parent, _session, _name, _cpu) in stats.items():
+    for pid, (parent, _session, _name, _cpu) in table.items():
         children.setdefault(parent, []).append(pid)
-    members = {pid for pid, (_parent, session, _name, _cpu) in stats.items() if session == root}
-    todo = [root] if root in stats else []
+    members = {pid for pid, (_parent, session, _name, _cpu) in table.items() if session == root}
+    todo = [root] if root in table else []
     while todo:
         pid = todo.pop()
         members.add(pid)
         todo.extend(children.get(pid, ()))
+    return {pid: table[pid][2] for pid in members}
+
+
+def tree_cpu_seconds(root: int) -> dict[str, float]:
+    """User + system CPU seconds of `tree_members(root)`, summed per program name. A process that
+    has exited takes its share with it, so measure across intervals in which the server's processes
+    live."""
+    table = _proc_table()
     totals: dict[str, float] = {}
-    for pid in members:
-        _parent, _session, name, cpu = stats[pid]
-        totals[name] = totals.get(name, 0.0) + cpu
+    for pid, name in tree_members(root, table).items():
+        totals[name] = totals.get(name, 0.0) + table[pid][3]
     return totals
 
 

@@ -28,6 +28,7 @@ class Plan:
     threads: int
     batch: int
     ceiling_s: float = 1.5
+    profile: bool = False
 
 
 def point_summary(
@@ -83,14 +84,28 @@ def measure(server: Running, workload: Workload, endpoint: str, concurrency: int
     return point_summary(samples, elapsed, server_cpu, client_cpu)
 
 
+def profile_point(
+    server: Running, workload: Workload, endpoint: str, concurrency: int, seconds: float
+) -> dict:
+    """A separate run of one point with py-spy on the server's Python processes (sampling slows
+    what it samples, so the measured points never carry it): each process's samples by stage."""
+    from benchmarks.peers.profile import Profiler
+
+    profiler = Profiler(server.python_processes(), seconds)
+    drive(closed_loop(workload, endpoint, server.port, concurrency, seconds))
+    return {"concurrency": concurrency, "percent_of_gil_samples": profiler.stages()}
+
+
 def run_sweep(
     plan: Plan, version_dir: Path, workload: Workload, log: Callable[[str], None] = print
-) -> tuple[dict, list[dict]]:
-    """runs[server][endpoint][c] = one summary per repetition; plus the ceiling of each repetition."""
+) -> tuple[dict, list[dict], dict]:
+    """runs[server][endpoint][c] = one summary per repetition; the ceiling of each repetition; and,
+    with `plan.profile`, profiles[server][endpoint] from the first repetition."""
     runs: dict[str, dict] = {
         s: {e: {str(c): [] for c in plan.concurrency} for e in plan.endpoints} for s in plan.servers
     }
     ceilings = []
+    profiles: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="pae-peers-") as logs:
         for rep in range(plan.repetitions):
             ceiling = graph_ceiling(version_dir, plan.threads, plan.batch, plan.ceiling_s)
@@ -111,6 +126,11 @@ def run_sweep(
                                 f"p50 {point['p50_ms']} ms, server {point['server_cores']} cores, "
                                 f"errors {point['errors']}"
                             )
+                        if plan.profile and rep == 0:
+                            top = max(plan.concurrency)
+                            found = profile_point(server, workload, endpoint, top, plan.duration_s)
+                            profiles.setdefault(name, {})[endpoint] = found
+                            log(f"profile {name} {endpoint} c={top}: {found['percent_of_gil_samples']}")
                 finally:
                     server.stop()
-    return runs, ceilings
+    return runs, ceilings, profiles

@@ -64,3 +64,22 @@ def test_helpers() -> None:
     runs = {"plain": {"decode": {"1": [{"rps": 10.2}, {"rps": 11.6}]}}}
     ceiling = {"decoder": {"1": {"img_per_s": 100.0}, "4": {"img_per_s": 300.0}}}
     assert "| decode | 1 | 10–12 | 100 / 300 |" in markdown_table(runs, [ceiling], 4)
+
+
+def test_profile_samples_go_to_the_innermost_named_stage() -> None:
+    from benchmarks.peers.profile import summarise
+
+    lines = [
+        "main (uvicorn/main.py:1);run_asgi (uvicorn/protocols/http/httptools_impl.py:2);"
+        "app (starlette/routing.py:3);decode (service/api/inference.py:4);"
+        "encode_png (service/codecs.py:5) 3",
+        "main (uvicorn/main.py:1);run_asgi (uvicorn/protocols/http/httptools_impl.py:2);"
+        "app (starlette/routing.py:3) 1",
+        "_run_once (asyncio/base_events.py:9) 1",
+    ]
+    assert summarise(lines) == {
+        "png / json encode": 60.0,
+        "framework (routing, middleware, dependencies)": 20.0,
+        "event loop, other": 20.0,
+        "samples": 5,
+    }
