@@ -1,7 +1,7 @@
 """This service against its peers on the same machine, graphs and ONNX Runtime options.
 
     .venv/bin/python -m benchmarks.peers [--duration 5] [--concurrency 1,2,4,8,16,32]
-        [--repetitions 2] [--servers service,plain,ray] [--ort-threads 0]
+        [--repetitions 2] [--servers service,plain,ray] [--ort-threads 1] [--profile]
 
 Servers (benchmarks/peers/servers.py): this service as `make run` starts it, a plain single-process
 FastAPI + ONNX Runtime server (no queue, no batching), and Ray Serve with `@serve.batch` when Ray is
@@ -10,6 +10,11 @@ closed-loop client (benchmarks/peers/client.py) checks every answer against the 
 Every repetition measures the graphs' ceiling (batch 1 and batch `--batch`, nothing else running),
 then each server in turn, in reverse order on the next repetition. Writes
 `benchmarks/results/peers.json`, `peers.png` and prints a markdown table.
+
+Every server's sessions get the same ONNX Runtime options (`--ort-threads` intra-op threads, one by
+default: the ceiling then is one core's, as the issue's yardstick was, and each server uses the
+machine's cores its own way — the service one batch per core, the plain server one request per
+thread-pool thread, Ray Serve one replica per core).
 """
 
 from __future__ import annotations
@@ -109,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "setup": {
                 "service": "pae-serve with no REDIS_URL (make run): API, worker process, redis-server",
                 "plain": "benchmarks/peers/plain.py: FastAPI, synchronous handlers, ONNX Runtime at batch 1",
-                "ray": "benchmarks/peers/ray_peer.py: Ray Serve, 1 replica, @serve.batch(16, 5 ms)",
+                "ray": "benchmarks/peers/ray_peer.py: Ray Serve, one replica per compute thread, @serve.batch(16, 5 ms)",
                 "client": "benchmarks/peers/client.py: keep-alive HTTP/1.1 closed loop, every answer checked",
                 "ort": f"service.runtimes.onnxruntime.session_options(intra_op_threads={args.ort_threads}, 1)",
             },

@@ -47,6 +47,10 @@ def figures(runs: dict, ceilings: list[dict], batch: int) -> dict[str, object]:
             fig[f"c{top}_ceiling_fraction"] = _per_rep(
                 [p["rps"] / c for p, c in zip(high, ceiling, strict=True)]
             )
+            machine = [c[graph]["all_cores"]["img_per_s"] for c in ceilings]
+            fig[f"c{top}_all_cores_fraction"] = _per_rep(
+                [p["rps"] / c for p, c in zip(high, machine, strict=True)]
+            )
             fig[f"c{top}_server_cores"] = _per_rep([p["server_cores"] for p in high])
             for peer in ("plain", "ray"):
                 if peer in runs:
@@ -79,14 +83,17 @@ def markdown_table(runs: dict, ceilings: list[dict], batch: int) -> str:
     names = list(runs)
     endpoints = list(next(iter(runs.values())))
     lines = [
-        "| endpoint | c | " + " | ".join(names) + f" | graph alone, batch 1 / {batch} (img/s) |",
+        "| endpoint | c | "
+        + " | ".join(names)
+        + f" | graph alone, batch 1 / {batch} / {batch} on every core (img/s) |",
         "|---|---|" + "---|" * len(names) + "---|",
     ]
     for endpoint in endpoints:
         graph = GRAPH[endpoint]
         one = [c[graph]["1"]["img_per_s"] for c in ceilings]
         full = [c[graph][str(batch)]["img_per_s"] for c in ceilings]
-        ceiling = f"{_span(one)} / {_span(full)}"
+        every = [c[graph]["all_cores"]["img_per_s"] for c in ceilings]
+        ceiling = f"{_span(one)} / {_span(full)} / {_span(every)}"
         for c in runs[names[0]][endpoint]:
             cells = [_span([p["rps"] for p in runs[name][endpoint][c]]) for name in names]
             lines.append(f"| {endpoint} | {c} | " + " | ".join(cells) + f" | {ceiling} |")

@@ -17,6 +17,7 @@ import os
 import signal
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from service.launcher import (
     stop_process,
     wait_until_ready,
 )
+from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVERS = ("service", "plain", "ray")
@@ -167,7 +169,9 @@ def graph_ceiling(version_dir: Path, threads: int, batch: int, seconds: float = 
     the servers' session options; nothing else of the benchmark runs meanwhile.
 
     Each figure is the median over repeated timed slices, so one slice disturbed by another process
-    does not set it.
+    does not set it, with the CPU time per image beside it (what the graph costs however busy the
+    machine is). `all_cores` is the batched figure with as many runs at once as the service's worker
+    computes batches (`Settings.batch_threads`): what the machine can do with every core on the graph.
     """
     from benchmarks.peers.graphs import Graphs
 
@@ -175,13 +179,15 @@ def graph_ceiling(version_dir: Path, threads: int, batch: int, seconds: float = 
     config = graphs.config
     size = config.image_size
     rng = np.random.default_rng(0)
-    result: dict[str, object] = {}
+    streams = Settings(ort_intra_op_threads=threads).batch_threads
+    result: dict[str, object] = {"streams": streams}
     for name, shape in (("encoder", (3, size, size)), ("decoder", tuple(config.latent_shape))):
         result[name] = {}
         for b in (1, batch):
             x = rng.random((b, *shape), dtype=np.float32)
             graphs.run(name, x)
             rates, ms = [], []
+            cpu = time.process_time()
             end = time.perf_counter() + seconds
             while time.perf_counter() < end or len(rates) < 5:
                 start = time.perf_counter()
@@ -192,6 +198,28 @@ def graph_ceiling(version_dir: Path, threads: int, batch: int, seconds: float = 
             result[name][str(b)] = {
                 "img_per_s": round(statistics.median(rates), 1),
                 "ms_per_batch": round(statistics.median(ms), 3),
+                "cpu_ms_per_image": round(1000 * (time.process_time() - cpu) / (b * len(rates)), 3),
                 "runs": len(rates),
             }
+        x = rng.random((batch, *shape), dtype=np.float32)
+        result[name]["all_cores"] = {"img_per_s": round(_parallel_rate(graphs, name, x, streams, seconds), 1)}
     return result
+
+
+def _parallel_rate(graphs, name: str, x: np.ndarray, streams: int, seconds: float) -> float:
+    """Images per second of `streams` threads each running the graph on `x` back to back."""
+    counts = [0] * streams
+    stop = time.perf_counter() + seconds
+
+    def loop(i: int) -> None:
+        while time.perf_counter() < stop:
+            graphs.run(name, x)
+            counts[i] += len(x)
+
+    start = time.perf_counter()
+    pool = [threading.Thread(target=loop, args=(i,)) for i in range(streams)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    return sum(counts) / (time.perf_counter() - start)

@@ -47,7 +47,10 @@ def test_service_and_plain_peer_answer_every_request_correctly(
     assert {"pae-serve", "pae-worker", "redis-server"} <= set(service["server_cpu_ms_per_request_by_process"])
     assert {"parse", "enqueue", "wait", "compute", "encode", "app"} <= set(service["stages_p50_ms"])
     figures = result["figures"]["decode"]
-    assert {"c1_vs_plain", "c1_p50_overhead_ms", "c4_ceiling_fraction", "c4_vs_plain"} <= set(figures)
+    assert {"c1_vs_plain", "c1_p50_overhead_ms", "c4_ceiling_fraction", "c4_all_cores_fraction"} <= set(
+        figures
+    )
+    assert result["ceilings"][0]["decoder"]["4"]["cpu_ms_per_image"] > 0
     assert "| decode | 4 |" in capsys.readouterr().out
 
 
@@ -62,8 +65,10 @@ def test_helpers() -> None:
     assert server_timing("parse;dur=0.5, app;dur=2") == {"parse": 0.5, "app": 2.0}
     assert tree_cpu_seconds(1 << 30) == {}
     runs = {"plain": {"decode": {"1": [{"rps": 10.2}, {"rps": 11.6}]}}}
-    ceiling = {"decoder": {"1": {"img_per_s": 100.0}, "4": {"img_per_s": 300.0}}}
-    assert "| decode | 1 | 10–12 | 100 / 300 |" in markdown_table(runs, [ceiling], 4)
+    ceiling = {
+        "decoder": {"1": {"img_per_s": 100.0}, "4": {"img_per_s": 300.0}, "all_cores": {"img_per_s": 550.0}}
+    }
+    assert "| decode | 1 | 10–12 | 100 / 300 / 550 |" in markdown_table(runs, [ceiling], 4)
 
 
 def test_profile_samples_go_to_the_innermost_named_stage() -> None:
