@@ -19,11 +19,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
 from service.api import errors, health, inference, models, openapi
-from service.api.middleware import BodyLimit, RequestMetrics
+from service.api.middleware import EarlyRefusal, RequestBody, RequestMetrics
+from service.api.server import BODY_TIMEOUT_STATE, HEADER_TIMEOUT_STATE
 from service.api.state import AppState, attach, state_of
 from service.settings import Settings
 from service.timing import ServerTiming
@@ -32,10 +34,18 @@ ROUTERS = (inference.router, models.router, health.router)
 
 
 @asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Connect to Redis and start the reply dispatcher for as long as the app serves."""
-    async with state_of(app).connected():
-        yield
+async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+    """Connect to Redis and start the reply dispatcher for as long as the app serves.
+
+    The yielded state reaches uvicorn's connection protocol (`service.api.server`), which times
+    out requests whose headers stall before the app ever sees them, and bodies answered unread.
+    """
+    state = state_of(app)
+    async with state.connected():
+        yield {
+            HEADER_TIMEOUT_STATE: state.settings.header_timeout_s,
+            BODY_TIMEOUT_STATE: state.settings.body_timeout_s,
+        }
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -56,10 +66,18 @@ def build_app(state: AppState) -> FastAPI:
     attach(app, state)
     for router in ROUTERS:
         app.include_router(router)
-    app.add_middleware(BodyLimit, max_bytes=state.settings.max_body_bytes)
+    routes = [route for router in ROUTERS for route in router.routes]
+    settings = state.settings
+    app.add_middleware(
+        RequestBody,
+        max_bytes=settings.max_body_bytes,
+        idle_timeout_s=settings.body_timeout_s,
+        total_timeout_s=settings.request_timeout_s,
+    )
+    app.add_middleware(EarlyRefusal, routes=routes)
     # The middleware added last is outermost: the metrics see every answer, the body limit's 413 too,
     # and Server-Timing's `app` stage holds all the app's time.
-    app.add_middleware(RequestMetrics, routes=[route for router in ROUTERS for route in router.routes])
+    app.add_middleware(RequestMetrics, routes=routes)
     app.add_middleware(ServerTiming)
     openapi.install(app, state)
     return app

@@ -4,19 +4,26 @@ Layout (prefix `pae:<model>:<version>`, so two model versions never share a queu
 
 - `<prefix>:jobs:<task>`   one stream per task, consumer group `workers`; one entry = one image
   or latent, so batch sizes and the queue bound count images, not requests.
+- `<prefix>:cost:<task>`   the summed cost (`service.cost`) of the jobs in the stream: raised by
+  the enqueue script, lowered by the acknowledge script, so QUEUE_MAX_COST bounds work, not entries.
 - `<prefix>:dead:<task>`   dead-letter stream for jobs delivered more than `MAX_DELIVERIES` times.
 - `<prefix>:reply:<replica>`  one reply stream per API replica, read by ONE dispatcher task that
   resolves the waiting futures (a stream, not a list, so a dispatcher that reconnects resumes from
   its last id and loses nothing).
-- `<prefix>:cancel:<request>`  set by the API when a client disconnects or a deadline passes;
-  workers drop the request's jobs before running a batch.
+- `<prefix>:cancel:<request>`  set by the API (to the time, epoch ms) when a client disconnects
+  or a deadline passes; workers drop the request's jobs before running a batch, and take them out
+  of a running batch at its next sampler step.
 - `<prefix>:workers` (sorted set of heartbeat times) and `<prefix>:worker:<id>` (info, with TTL).
 
 A job that runs longer than CLAIM_IDLE_MS can be claimed by a second worker and run twice; that is
 harmless (a dispatcher resolves each job once and ignores a repeat reply) but wasteful, so
-CLAIM_IDLE_MS must exceed the longest batch. Workers XACK and XDEL a job once its reply is written, so XLEN is exactly the number of jobs
-queued or in flight, and the enqueue script bounds that atomically. Payloads are raw bytes in
-stream fields (little-endian arrays, UTF-8 text, canonical JSON for sampler settings): no pickle.
+CLAIM_IDLE_MS must exceed the longest batch. Workers XACK and XDEL a job once its reply is
+written, so XLEN is exactly the number of jobs queued or in flight, and the enqueue script bounds
+that and their cost atomically. Payloads are raw bytes in stream fields (little-endian arrays,
+UTF-8 text, canonical JSON for sampler settings): no pickle.
+
+This module holds the layout, the messages and the API replica's side (`BrokerClient`); the
+worker's side is `service.broker_worker.BrokerWorker`.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -46,18 +53,32 @@ DEAD_MAXLEN = 10_000
 CANCEL_GRACE_MS = 60_000
 DISPATCH_BLOCK_MS = 1000
 HEALTH_CHECK_S = 1
+FULL_MEMORY_S = 0.05
+"""How long a replica refuses a task's requests without asking Redis after it saw the queue full.
+Under a burst that turns most 429s into a dictionary lookup; a queue that frees room meanwhile
+costs a few needless 429s, whose Retry-After is a second anyway."""
 
-# KEYS[1] = job stream. ARGV = max_len, n_jobs, then per job: n_pairs, field1, value1, ...
-# XLEN counts queued plus in-flight jobs (workers delete acknowledged entries), so the check and
-# the XADDs in one script make the bound exact under any number of concurrent API replicas.
+# KEYS[1] = job stream, KEYS[2] = its cost counter. ARGV = max_len, max_cost, n_jobs, cost, then
+# per job: n_pairs, field1, value1, ... XLEN counts queued plus in-flight jobs (workers delete
+# acknowledged entries), so the checks and the XADDs in one script make both bounds exact under any
+# number of concurrent API replicas. An empty stream has no cost: resetting the counter then heals
+# any drift (a Redis restarted without its data, an acknowledgement lost with a dying worker).
 _ENQUEUE_LUA = """
 local len = redis.call('XLEN', KEYS[1])
-local n = tonumber(ARGV[2])
-if len + n > tonumber(ARGV[1]) then
-  return {0, len}
+local cost = 0
+if len == 0 then
+  redis.call('DEL', KEYS[2])
+else
+  cost = tonumber(redis.call('GET', KEYS[2]) or '0')
 end
+local n = tonumber(ARGV[3])
+local add = tonumber(ARGV[4])
+if len + n > tonumber(ARGV[1]) or cost + add > tonumber(ARGV[2]) then
+  return {0, len, cost}
+end
+redis.call('INCRBY', KEYS[2], add)
 local out = {1}
-local pos = 3
+local pos = 5
 for i = 1, n do
   local pairs_n = tonumber(ARGV[pos])
   pos = pos + 1
@@ -115,6 +136,9 @@ class Keys:
 
     def dead(self, task: str) -> str:
         return f"{self.prefix}:dead:{task}"
+
+    def cost(self, task: str) -> str:
+        return f"{self.prefix}:cost:{task}"
 
     def reply(self, replica: str) -> str:
         return f"{self.prefix}:reply:{replica}"
@@ -186,6 +210,7 @@ class Job:
     enqueued_ms: int
     fields: dict[bytes, bytes] = field(repr=False)
     deliveries: int = 1
+    cost: int = 1
 
     @classmethod
     def from_entry(cls, task: str, entry_id: bytes, fields: dict[bytes, bytes]) -> Job:
@@ -198,7 +223,16 @@ class Job:
             deadline_ms=int(fields[b"deadline"]),
             enqueued_ms=int(fields[b"enq"]),
             fields=fields,
+            cost=max(int(fields.get(b"cost", b"1")), 0),
         )
+
+
+def cancel_times(request_ids: Sequence[str], values: Sequence[bytes | None]) -> dict[str, int]:
+    times = {}
+    for rid, value in zip(request_ids, values, strict=True):
+        if value is not None:
+            times[rid] = int(value) if value.isdigit() else 0
+    return times
 
 
 async def ensure_groups(redis: Redis, keys: Keys, tasks: Sequence[str]) -> None:
@@ -214,10 +248,19 @@ async def ensure_groups(redis: Redis, keys: Keys, tasks: Sequence[str]) -> None:
 class BrokerClient:
     """The API replica's side: enqueue jobs, wait for their replies, cancel what is abandoned."""
 
-    def __init__(self, redis: Redis, keys: Keys, queue_max_len: int, replica_id: str | None = None) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        queue_max_len: int,
+        replica_id: str | None = None,
+        queue_max_cost: int = 1 << 62,
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.queue_max_len = queue_max_len
+        self.queue_max_cost = queue_max_cost
+        self._full: dict[str, tuple[float, str]] = {}
         self.replica_id = replica_id or uuid.uuid4().hex
         self.reply_key = keys.reply(self.replica_id)
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
@@ -276,12 +319,52 @@ class BrokerClient:
                     if fut is not None and not fut.done():
                         fut.set_result(reply)
 
+    async def admit(self, task: str) -> None:
+        """Raise QueueFull when the task's queue has no room for even the cheapest job.
+
+        Made before a request's body is read: under a burst the refusal must not wait for an
+        upload, JSON parsing or image decoding it would throw away. One round trip, or none while
+        the queue was seen full in the last FULL_MEMORY_S. The enqueue script stays the exact
+        check; this one only answers early when the answer is already known.
+        """
+        refusal = self.refusal(task)
+        if refusal is not None:
+            raise QueueFull(refusal)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xlen(self.keys.jobs(task))
+        pipe.get(self.keys.cost(task))
+        try:
+            length, cost = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise Unavailable(f"the job queue (Redis) is unavailable: {exc}") from None
+        cost = int(cost or 0) if length else 0
+        if length >= self.queue_max_len or cost >= self.queue_max_cost:
+            raise QueueFull(self._remember_full(task, int(length), cost))
+
+    def refusal(self, task: str) -> str | None:
+        """Why the task's queue is full, if it was seen full in the last FULL_MEMORY_S (no I/O)."""
+        until, message = self._full.get(task, (0.0, ""))
+        return message if time.monotonic() < until else None
+
+    def _remember_full(self, task: str, length: int, cost: int) -> str:
+        message = self._full_message(task, length, cost)
+        self._full[task] = (time.monotonic() + FULL_MEMORY_S, message)
+        return message
+
+    def _full_message(self, task: str, length: int, cost: int, jobs: int = 0, adds: int = 0) -> str:
+        asked = f"; this request adds {jobs} jobs costing {adds}" if jobs else ""
+        return (
+            f"the {task} queue is full ({length} jobs costing {cost} queued; QUEUE_MAX_LEN="
+            f"{self.queue_max_len}, QUEUE_MAX_COST={self.queue_max_cost}{asked}); retry later"
+        )
+
     async def submit(
         self, task: str, payloads: Sequence[dict[str, bytes | str | int]], deadline_ms: int
     ) -> list[Reply]:
         """Enqueue one job per payload (all or none) and return their replies in order.
 
-        Raises QueueFull (the bound would be passed), Unavailable (Redis unreachable),
+        A payload's `cost` field (default 1) is what the job adds to the queue's cost.
+        Raises QueueFull (a bound would be passed), Unavailable (Redis unreachable),
         DeadlineExceeded (the deadline passed first: the jobs are cancelled) or JobFailed (a worker
         answered with an error). If the awaiting task is cancelled (client gone) the jobs are
         cancelled too.
@@ -291,7 +374,8 @@ class BrokerClient:
         job_ids = [f"{request_id}.{i}" for i in range(len(payloads))]
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in job_ids]
-        args: list[bytes | str | int] = [self.queue_max_len, len(payloads)]
+        total = sum(int(payload.get("cost", 1)) for payload in payloads)
+        args: list[bytes | str | int] = [self.queue_max_len, self.queue_max_cost, len(payloads), total]
         for job_id, payload in zip(job_ids, payloads, strict=True):
             fields: dict[str, bytes | str | int] = {
                 "id": job_id,
@@ -308,27 +392,30 @@ class BrokerClient:
             self._waiting[job_id] = fut
         try:
             try:
-                result = await self._enqueue(keys=[self.keys.jobs(task)], args=args)
+                result = await self._enqueue(keys=[self.keys.jobs(task), self.keys.cost(task)], args=args)
             except (RedisError, OSError) as exc:
                 raise Unavailable(f"the job queue (Redis) is unavailable: {exc}") from None
             if int(result[0]) == 0:
-                raise QueueFull(
-                    f"the {task} queue is full ({int(result[1])} queued, QUEUE_MAX_LEN={self.queue_max_len}, "
-                    f"this request adds {len(payloads)}); retry later"
-                )
+                length, cost = int(result[1]), int(result[2])
+                if length >= self.queue_max_len or cost >= self.queue_max_cost:
+                    self._remember_full(task, length, cost)
+                raise QueueFull(self._full_message(task, length, cost, len(payloads), total))
             timing.mark("enqueue")
             timeout = (deadline_ms - now_ms()) / 1000
+            # asyncio.wait, not wait_for(gather(...)): a gather cancelled with its caller keeps a
+            # CancelledError nobody retrieves, which asyncio logs as an error with a traceback.
             try:
-                replies = await asyncio.wait_for(asyncio.gather(*futures), timeout=max(timeout, 0.001))
-                timing.mark("wait")
-            except asyncio.TimeoutError:
-                await self._cancel(request_id, deadline_ms)
-                raise DeadlineExceeded(
-                    f"the {task} request did not finish within its deadline; its jobs were cancelled"
-                ) from None
+                _done, pending = await asyncio.wait(futures, timeout=max(timeout, 0.001))
             except asyncio.CancelledError:
                 await asyncio.shield(self._cancel(request_id, deadline_ms))
                 raise
+            if pending:
+                await self._cancel(request_id, deadline_ms)
+                raise DeadlineExceeded(
+                    f"the {task} request did not finish within its deadline; its jobs were cancelled"
+                )
+            replies = [future.result() for future in futures]
+            timing.mark("wait")
         finally:
             for job_id in job_ids:
                 self._waiting.pop(job_id, None)
@@ -338,9 +425,10 @@ class BrokerClient:
         return replies
 
     async def _cancel(self, request_id: str, deadline_ms: int) -> None:
-        ttl = max(deadline_ms - now_ms(), 0) + CANCEL_GRACE_MS
+        now = now_ms()
+        ttl = max(deadline_ms - now, 0) + CANCEL_GRACE_MS
         try:
-            await self.redis.set(self.keys.cancel(request_id), b"1", px=ttl)
+            await self.redis.set(self.keys.cancel(request_id), now, px=ttl)
         except (RedisError, OSError) as exc:
             log.warning("could not mark request %s cancelled: %s", request_id, exc)
 
@@ -351,153 +439,3 @@ class BrokerClient:
             return []
         infos = await self.redis.mget([self.keys.worker(i.decode()) for i in ids])
         return [json.loads(raw) for raw in infos if raw]
-
-
-class BrokerWorker:
-    """A worker's side: read batches, reclaim dead consumers' jobs, dead-letter, reply and ack."""
-
-    def __init__(
-        self,
-        redis: Redis,
-        keys: Keys,
-        consumer: str,
-        claim_idle_ms: int,
-        max_deliveries: int,
-    ) -> None:
-        self.redis = redis
-        self.keys = keys
-        self.consumer = consumer
-        self.claim_idle_ms = claim_idle_ms
-        self.max_deliveries = max_deliveries
-
-    async def read(self, task: str, count: int, block_ms: int | None) -> list[Job]:
-        """XREADGROUP up to `count` new jobs, blocking up to `block_ms` (None: do not block)."""
-        resp = await self.redis.xreadgroup(
-            GROUP, self.consumer, {self.keys.jobs(task): ">"}, count=count, block=block_ms
-        )
-        return await self._parse(task, [entry for _stream, entries in resp or () for entry in entries])
-
-    async def _parse(self, task: str, entries: Sequence[tuple[bytes, dict[bytes, bytes]]]) -> list[Job]:
-        """Jobs from stream entries; an entry lacking the job fields is logged, acknowledged and deleted."""
-        jobs, bad = [], []
-        for entry_id, fields in entries:
-            try:
-                jobs.append(Job.from_entry(task, entry_id, fields))
-            except (KeyError, ValueError, TypeError, AttributeError):
-                bad.append(entry_id)
-        if bad:
-            log.error("dropping %d malformed %s entries: %s", len(bad), task, bad)
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.xack(self.keys.jobs(task), GROUP, *bad)
-            pipe.xdel(self.keys.jobs(task), *bad)
-            await pipe.execute()
-        return jobs
-
-    async def reclaim(
-        self, task: str, count: int, held: Collection[bytes] = ()
-    ) -> tuple[list[Job], list[Job]]:
-        """XAUTOCLAIM jobs idle longer than CLAIM_IDLE_MS; return (to run, dead-lettered).
-
-        A job whose delivery count now exceeds MAX_DELIVERIES is copied to the dead-letter stream,
-        its caller gets an error reply, and it is acknowledged and deleted. Entries in `held` (jobs
-        this worker is already running or about to run) are left alone: claiming them back only
-        reset their idle time.
-        """
-        stream = self.keys.jobs(task)
-        resp = await self.redis.xautoclaim(
-            stream, GROUP, self.consumer, self.claim_idle_ms, "0-0", count=count
-        )
-        jobs = await self._parse(task, [(eid, f) for eid, f in resp[1] if f and eid not in held])
-        if not jobs:
-            return [], []
-        pipe = self.redis.pipeline(transaction=False)
-        for job in jobs:
-            pipe.xpending_range(stream, GROUP, min=job.entry_id, max=job.entry_id, count=1)
-        pending = await pipe.execute()
-        claimed, dead = [], []
-        for job, info in zip(jobs, pending, strict=True):
-            if not info:
-                continue  # acknowledged meanwhile by the slow consumer it was claimed from
-            job.deliveries = int(info[0]["times_delivered"])
-            (dead if job.deliveries > self.max_deliveries else claimed).append(job)
-        if dead:
-            await self._dead_letter(task, dead)
-        return claimed, dead
-
-    async def _dead_letter(self, task: str, jobs: list[Job]) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        for job in jobs:
-            reason = (
-                f"job {job.job_id} was delivered {job.deliveries} times without finishing (its worker "
-                f"stopped each time; MAX_DELIVERIES={self.max_deliveries}); moved to {self.keys.dead(task)}"
-            )
-            dead_fields = {k: v for k, v in job.fields.items() if k != b"data"}
-            dead_fields.update({b"reason": reason.encode(), b"deliveries": str(job.deliveries).encode()})
-            pipe.xadd(self.keys.dead(task), dead_fields, maxlen=DEAD_MAXLEN, approximate=True)
-            self._queue_reply(pipe, job, Reply(job.job_id, ok=False, status=500, error=reason))
-        self._queue_expiry(pipe, jobs)
-        self._queue_ack(pipe, task, jobs)
-        await pipe.execute()
-
-    async def screen(self, task: str, jobs: Sequence[Job]) -> tuple[set[str], int]:
-        """Request ids among `jobs` whose cancel key is set, and the task's depth, in one round trip.
-
-        Round trips, not bytes, are what a worker pays per batch on a busy machine (each one wakes
-        Redis and waits to be scheduled again), so the pre-batch checks share one pipeline.
-        """
-        rids = sorted({job.request_id for job in jobs})
-        pipe = self.redis.pipeline(transaction=False)
-        if rids:
-            pipe.mget([self.keys.cancel(r) for r in rids])
-        pipe.xlen(self.keys.jobs(task))
-        out = await pipe.execute()
-        gone = {rid for rid, value in zip(rids, out[0], strict=True) if value is not None} if rids else set()
-        return gone, int(out[-1])
-
-    async def drop(self, task: str, jobs: Sequence[Job]) -> None:
-        """Acknowledge and delete jobs without replying (expired or cancelled: nobody waits)."""
-        if jobs:
-            pipe = self.redis.pipeline(transaction=False)
-            self._queue_ack(pipe, task, jobs)
-            await pipe.execute()
-
-    async def answer(self, task: str, jobs: Sequence[Job], replies: Sequence[Reply]) -> None:
-        """Write each reply to its caller's reply stream, then XACK and XDEL, in one round trip."""
-        pipe = self.redis.pipeline(transaction=False)
-        for job, reply in zip(jobs, replies, strict=True):
-            self._queue_reply(pipe, job, reply)
-        self._queue_expiry(pipe, jobs)
-        self._queue_ack(pipe, task, jobs)
-        await pipe.execute()
-
-    def _queue_reply(self, pipe, job: Job, reply: Reply) -> None:
-        pipe.xadd(job.reply_key, reply.to_fields(), maxlen=REPLY_MAXLEN, approximate=True)
-
-    def _queue_expiry(self, pipe, jobs: Sequence[Job]) -> None:
-        """Renew the TTL of each reply stream written to, once per stream (a batch's jobs mostly
-        answer the same few API replicas)."""
-        for key in {job.reply_key for job in jobs}:
-            pipe.pexpire(key, REPLY_TTL_MS)
-
-    def _queue_ack(self, pipe, task: str, jobs: Sequence[Job]) -> None:
-        ids = [job.entry_id for job in jobs]
-        pipe.xack(self.keys.jobs(task), GROUP, *ids)
-        pipe.xdel(self.keys.jobs(task), *ids)
-
-    async def depth(self, task: str) -> int:
-        """Jobs queued or in flight for `task` (acknowledged entries are deleted)."""
-        return int(await self.redis.xlen(self.keys.jobs(task)))
-
-    async def heartbeat(self, worker_id: str, info: dict[str, object], ttl_ms: int) -> None:
-        now = now_ms()
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.set(self.keys.worker(worker_id), json.dumps(info), px=ttl_ms)
-        pipe.zadd(self.keys.workers, {worker_id: now})
-        pipe.zremrangebyscore(self.keys.workers, "-inf", now - 10 * ttl_ms)
-        await pipe.execute()
-
-    async def deregister(self, worker_id: str) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.delete(self.keys.worker(worker_id))
-        pipe.zrem(self.keys.workers, worker_id)
-        await pipe.execute()

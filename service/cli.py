@@ -91,6 +91,7 @@ def serve_main(argv: Sequence[str] | None = None) -> None:
 
     import uvicorn
 
+    from service.api.server import PROTOCOL
     from service.embedded import WorkerProcess
     from service.launcher import LaunchError
     from service.redis_server import RedisServer
@@ -117,6 +118,7 @@ def serve_main(argv: Sequence[str] | None = None) -> None:
         uvicorn.run(
             "service.app:create_app",
             factory=True,
+            http=PROTOCOL,
             host=args.host,
             port=args.port,
             workers=args.workers,

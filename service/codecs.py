@@ -15,11 +15,13 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 import math
+import re
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
+import pydantic_core
 from numpy.lib import format as npy_format
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -36,6 +38,35 @@ IMAGE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP")
 NPY_MEDIA_TYPE = "application/x-npy"
 LATENT_DTYPE = "float32"
 
+JSON_MAX_DEPTH = 200
+"""Deepest nesting a JSON body may have (the limit of the parser, pydantic-core's jiter; every
+request body of this API is at most 3 levels deep)."""
+JSON_MAX_DIGITS = 4300
+"""Longest integer a JSON body may hold (Python's own limit on int ↔ str conversion)."""
+
+LATENT_RMS_RANGE = (0.1, 10.0)
+"""Accepted RMS of each latent token over its channels. Encoders put every token on the sphere of
+RMS 1 and the decoder was trained there; nearer the origin or farther out its answers are meaningless
+(at 1e38 float32 overflows into a black image)."""
+
+_REPR = re.compile(r"<[^<>]*\bat 0x[0-9a-fA-F]+>")
+
+
+def _clean(message: object) -> str:
+    """An exception's text without Python object reprs (`<_io.BytesIO object at 0x…>`)."""
+    return _REPR.sub("the data", str(message))
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What an uploaded image may be, checked from its header before any pixel is decompressed:
+    total pixels, each side, and the long side over the short one (which sets the resize cost)."""
+
+    max_pixels: int
+    max_side: int = 1 << 30
+    max_aspect: float = float("inf")
+
+
 _MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
 
 
@@ -45,18 +76,21 @@ def _looks_like_image(data: bytes) -> bool:
     return len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP"
 
 
-def decode_image(data: bytes, size: int, max_pixels: int) -> np.ndarray:
+def decode_image(data: bytes, size: int, limits: ImageLimits | int) -> np.ndarray:
     """Decode a PNG/JPEG/WebP and return the model's input: uint8 3×size×size (RGB, CHW).
 
-    The pixel count is checked from the header before any pixel is decompressed (the
-    decompression-bomb guard); truncated or corrupt data, tiny images and other formats are refused.
+    The size is checked from the header before any pixel is decompressed (the decompression-bomb
+    guard); truncated or corrupt data, tiny images and other formats are refused. An int `limits`
+    is a pixel limit alone.
     """
-    return finish_image(open_image(data, max_pixels), size)
+    return finish_image(open_image(data, limits), size)
 
 
-def open_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Read and check only the header: format, pixel count, smallest side. Cheap at any size, so
-    callers can look at `width × height` before deciding where to spend the decoding work."""
+def open_image(data: bytes, limits: ImageLimits | int) -> Image.Image:
+    """Read and check only the header: format, pixel count, sides, aspect ratio. Cheap at any size,
+    so callers can look at `width × height` before deciding where to spend the decoding work."""
+    if isinstance(limits, int):
+        limits = ImageLimits(limits)
     if not data:
         raise BadInput("image is empty (0 bytes)", status=400)
     if not _looks_like_image(data):
@@ -67,18 +101,34 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=list(IMAGE_FORMATS))
-    except Image.DecompressionBombError as exc:
-        raise PayloadTooLarge(f"image has too many pixels ({exc}); the limit is {max_pixels}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise BadInput(f"image header is corrupt or truncated: {exc}") from None
-    width, height = img.size
-    if width * height > max_pixels:
+    except Image.DecompressionBombError:
+        # Pillow's own guard fired first (its limit is far above any MAX_IMAGE_PIXELS accepted).
         raise PayloadTooLarge(
-            f"image is {width}×{height} = {width * height} pixels, over the limit of {max_pixels} "
+            f"image has more pixels than the limit of {limits.max_pixels} (MAX_IMAGE_PIXELS)"
+        ) from None
+    except UnidentifiedImageError:
+        raise BadInput(
+            "image header is corrupt or truncated: it starts like a PNG, JPEG or WebP file but cannot be read"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise BadInput(f"image header is corrupt or truncated: {_clean(exc)}") from None
+    width, height = img.size
+    if width * height > limits.max_pixels:
+        raise PayloadTooLarge(
+            f"image is {width}×{height} = {width * height} pixels, over the limit of {limits.max_pixels} "
             "(MAX_IMAGE_PIXELS)"
+        )
+    if max(width, height) > limits.max_side:
+        raise PayloadTooLarge(
+            f"image is {width}×{height}; no side may exceed {limits.max_side} pixels (MAX_IMAGE_SIDE)"
         )
     if min(width, height) < MIN_IMAGE_SIDE:
         raise BadInput(f"image is {width}×{height}; both sides must be at least {MIN_IMAGE_SIDE} pixels")
+    if max(width, height) > limits.max_aspect * min(width, height):
+        raise BadInput(
+            f"image is {width}×{height}; the long side may be at most {limits.max_aspect:g} times the short "
+            "one (MAX_IMAGE_ASPECT)"
+        )
     return img
 
 
@@ -89,7 +139,7 @@ def finish_image(img: Image.Image, size: int) -> np.ndarray:
         img = ImageOps.exif_transpose(img)
         rgb = _to_rgb(img)
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise BadInput(f"image data is corrupt or truncated ({img.format}): {exc}") from None
+        raise BadInput(f"image data is corrupt or truncated ({img.format}): {_clean(exc)}") from None
     return _resize_centre_crop(rgb, size)
 
 
@@ -119,13 +169,13 @@ def _resize_centre_crop(img: Image.Image, size: int) -> np.ndarray:
 def decode_base64(text: object, what: str) -> bytes:
     """Strict base64 (standard alphabet, padding required); a data: URL prefix is accepted."""
     if not isinstance(text, str):
-        raise BadInput(f"{what} must be a base64 string, got {type(text).__name__}")
+        raise BadInput(f"{what} must be a base64 string, got {json_type(text)}")
     if text.startswith("data:") and "," in text:
         text = text.split(",", 1)[1]
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise BadInput(f"{what} is not valid base64: {exc}", status=400) from None
+        raise BadInput(f"{what} is not valid base64: {_clean(exc)}", status=400) from None
 
 
 def check_latents(array: np.ndarray, latent_shape: tuple[int, ...], max_items: int) -> np.ndarray:
@@ -152,19 +202,51 @@ def check_latents(array: np.ndarray, latent_shape: tuple[int, ...], max_items: i
     return np.ascontiguousarray(array, dtype="<f4")
 
 
-def _check_shape_list(shape: object, max_elements: int) -> tuple[int, ...]:
+def check_on_sphere(latents: np.ndarray) -> None:
+    """422 unless every token of a B×d×h×w batch has an RMS over its d channels in LATENT_RMS_RANGE.
+
+    A decoding rule, not a format rule: the .npy and JSON formats hold any finite float32.
+    """
+    rms = np.sqrt(np.mean(np.square(latents, dtype=np.float64), axis=1))
+    low, high = LATENT_RMS_RANGE
+    off = int(np.count_nonzero((rms < low) | (rms > high)))
+    if off:
+        raise BadInput(
+            f"{off} latent token(s) lie far off the sphere: each token's RMS over its {latents.shape[1]} "
+            f"channels must be within [{low:g}, {high:g}] (encode gives 1), found {rms.min():.3g} to "
+            f"{rms.max():.3g}"
+        )
+
+
+def json_type(value: object) -> str:
+    """The JSON name of a parsed value's type, for messages (never a Python repr)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def _check_shape_list(shape: object, max_elements: int, max_dims: int) -> tuple[int, ...]:
     if (
         not isinstance(shape, list)
         or not shape
         or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
     ):
-        raise BadInput(f"latent 'shape' must be a non-empty list of integers, got {shape!r}")
+        got = json_type(shape) if not isinstance(shape, list) else "a list holding other values"
+        raise BadInput(f"latent 'shape' must be a non-empty list of integers, got {got}")
+    if len(shape) > max_dims:
+        raise BadInput(f"latent 'shape' has {len(shape)} dimensions; at most {max_dims} are allowed")
     if any(d < 1 for d in shape):
-        raise BadInput(f"latent 'shape' sizes must be positive, got {shape}")
-    count = math.prod(shape)
-    if count > max_elements:
+        raise BadInput(f"latent 'shape' sizes must be positive, got {_short(shape)}")
+    # Each size is bounded before the product, which stays an exact (small) Python int.
+    if any(d > max_elements for d in shape) or math.prod(shape) > max_elements:
         raise BadInput(
-            f"latent 'shape' {shape} has {count} elements, more than the {max_elements} a request may hold "
+            f"latent 'shape' {_short(shape)} has more elements than the {max_elements} a request may hold "
             "(MAX_NUM_IMAGES latents)"
         )
     return tuple(shape)
@@ -181,9 +263,10 @@ def latents_from_json(payload: object, latent_shape: tuple[int, ...], max_items:
         raise BadInput(f"latent JSON lacks the field(s) {missing}; expected shape, dtype and data")
     dtype = payload["dtype"]
     if dtype not in (LATENT_DTYPE, "<f4"):
-        raise BadInput(f"latent dtype must be 'float32' (little-endian), got {dtype!r}")
+        got = f"'{_short(dtype)}'" if isinstance(dtype, str) else json_type(dtype)
+        raise BadInput(f"latent dtype must be 'float32' (little-endian), got {got}")
     max_elements = max_items * math.prod(latent_shape)
-    shape = _check_shape_list(payload["shape"], max_elements)
+    shape = _check_shape_list(payload["shape"], max_elements, len(latent_shape) + 1)
     raw = decode_base64(payload["data"], "latent 'data'")
     expected = math.prod(shape) * 4
     if len(raw) != expected:
@@ -210,13 +293,15 @@ def latents_from_npy(data: bytes, latent_shape: tuple[int, ...], max_items: int)
         else:
             raise ValueError(f"unsupported .npy format version {major}")
     except Exception as exc:
-        raise BadInput(f"body is not a valid .npy file: {type(exc).__name__}: {exc}", status=400) from None
+        raise BadInput(
+            f"body is not a valid .npy file: {type(exc).__name__}: {_clean(exc)}", status=400
+        ) from None
     if dtype.hasobject:
         raise BadInput("npy arrays of Python objects are refused (they would need pickle)")
     if dtype != np.dtype("<f4") and dtype != np.dtype(">f4"):
         raise BadInput(f"latent dtype must be float32, got {dtype.str} ({dtype})")
     max_elements = max_items * math.prod(latent_shape)
-    shape = _check_shape_list(list(shape), max_elements)
+    shape = _check_shape_list(list(shape), max_elements, len(latent_shape) + 1)
     expected = math.prod(shape) * 4
     raw = stream.read()
     if len(raw) != expected:
@@ -261,8 +346,26 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 def parse_json(body: bytes) -> object:
-    """JSON body → Python object, with a 400 that quotes the parser's position on malformed input."""
+    """JSON body → Python object, with a 400 that quotes the parser's position on malformed input.
+
+    pydantic-core's parser is bounded (JSON_MAX_DEPTH, JSON_MAX_DIGITS) where the standard
+    library's recurses until RecursionError and converts any integer until ValueError.
+    """
     try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadInput(f"body is not valid JSON: {exc}", status=400) from None
+        return pydantic_core.from_json(body)
+    except ValueError as exc:
+        raise BadInput(json_error(str(exc)), status=400) from None
+
+
+def json_error(message: str) -> str:
+    """The 400 message for a JSON parser error, naming the limit when a limit was hit."""
+    if "recursion limit" in message:
+        return f"body is not valid JSON: nested deeper than {JSON_MAX_DEPTH} levels ({message})"
+    if "number out of range" in message:
+        return f"body is not valid JSON: a number longer than {JSON_MAX_DIGITS} digits ({message})"
+    return f"body is not valid JSON: {message}"
+
+
+def _short(value: object, limit: int = 80) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -43,6 +43,12 @@ class NotAcceptable(ServiceError):
     status = 406
 
 
+class RequestTimeout(ServiceError):
+    """The client did not send its request (headers or body) in time; the connection is closed."""
+
+    status = 408
+
+
 class QueueFull(ServiceError):
     """The task's queue is at `QUEUE_MAX_LEN`; the client should retry after `retry_after_s`."""
 

@@ -55,9 +55,38 @@ RECLAIMED = Counter(
 DEAD_LETTERED = Counter(
     "pae_jobs_dead_lettered_total", "Jobs moved to the dead-letter stream after MAX_DELIVERIES", ["task"]
 )
-EXPIRED = Counter("pae_jobs_expired_total", "Jobs dropped unrun because their deadline had passed", ["task"])
-CANCELLED = Counter("pae_jobs_cancelled_total", "Jobs dropped unrun because their client went away", ["task"])
-REJECTED = Counter("pae_jobs_rejected_total", "Requests refused before queueing", ["task", "reason"])
+QUEUE_COST = Gauge(
+    "pae_queue_cost",
+    "Summed cost of the jobs queued or in flight (network evaluations; sampled each worker loop)",
+    ["task"],
+    multiprocess_mode="mostrecent",
+)
+EXPIRED = Counter(
+    "pae_jobs_expired_total",
+    "Jobs dropped because their deadline had passed, before their batch ran or between its steps",
+    ["task"],
+)
+CANCELLED = Counter(
+    "pae_jobs_cancelled_total",
+    "Jobs dropped because their client went away, before their batch ran or between its steps",
+    ["task"],
+)
+ABANDONED_COMPUTE = Histogram(
+    "pae_abandoned_compute_seconds",
+    "Compute a running batch spent on a job after its deadline passed or its client went away",
+    ["task"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+REJECTED = Counter(
+    "pae_jobs_rejected_total",
+    "Requests refused before queueing (queue_full: a queue bound; too_costly: MAX_REQUEST_COST)",
+    ["task", "reason"],
+)
+SLOW_CLIENTS = Counter(
+    "pae_slow_clients_total",
+    "Connections closed because a request's headers or body did not arrive in time",
+    ["phase"],
+)
 MODEL_INFO = Gauge(
     "pae_model_info",
     "The served model version and runtime (value 1)",

@@ -17,6 +17,10 @@ from service.codecs import MIN_IMAGE_SIDE
 from service.settings import Settings
 
 SEED_MAX = 2**63 - 1
+SHIFT_RANGE = (0.01, 100.0)
+"""Accepted sampling time shifts. The warp s·t / (1 + (s − 1)·t) is symmetric in s ↔ 1/s; beyond
+100× either way every step but one lands at one end of the path (one effective step), and below
+about 1e-16 the warp divides by zero."""
 
 
 class ErrorResponse(BaseModel):
@@ -27,11 +31,12 @@ class ErrorResponse(BaseModel):
 
 class LatentPayload(BaseModel):
     """Latents as JSON: shape [B, d, h, w] (or [d, h, w] for one), dtype float32, data = base64 of the
-    little-endian float32 bytes in C order."""
+    little-endian float32 bytes in C order. Every token (the d values at one position) must have an
+    RMS within [0.1, 10]: encode puts them on the sphere of RMS 1."""
 
     model_config = ConfigDict(extra="allow")
-    shape: list[int]
-    dtype: Literal["float32"] = "float32"
+    shape: list[int] = Field(min_length=3, max_length=4)
+    dtype: Literal["float32"]
     data: str
 
 
@@ -109,7 +114,7 @@ def build_schemas(settings: Settings, config: ModelConfig) -> Schemas:
     class EncodeJSON(BaseModel):
         """Images as base64 strings (PNG, JPEG or WebP; `data:` URLs accepted)."""
 
-        model_config = ConfigDict(extra="forbid")
+        model_config = ConfigDict(extra="forbid", strict=True)
         images: list[str] = Field(
             min_length=1,
             max_length=settings.max_num_images,
@@ -120,11 +125,15 @@ def build_schemas(settings: Settings, config: ModelConfig) -> Schemas:
         )
 
     class GenerateRequest(BaseModel):
-        """Class-conditional generation; unset sampler fields take the model's defaults."""
+        """Class-conditional generation; unset sampler fields take the model's defaults. Types are
+        strict: integers are JSON integers (not booleans, floats or strings)."""
 
-        model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+        model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
         class_label: int | str = Field(
-            description=f"class index or exact class name; classes: {classes}",
+            description=(
+                "class index, or class name spelled exactly as listed (case-sensitive, as /v1/models "
+                f"lists them); classes: {classes}"
+            ),
             examples=[0, config.class_names[0]],
         )
         num_images: int = Field(1, ge=1, le=settings.max_num_images, description="images to generate")
@@ -151,7 +160,10 @@ def build_schemas(settings: Settings, config: ModelConfig) -> Schemas:
             None, description=f"solver (default {config.sampler.get('sampler')!r}); sde needs steps >= 3"
         )
         shift: float | None = Field(
-            None, gt=0.0, le=100.0, description=f"sampling time shift (default {config.sampler.get('shift')})"
+            None,
+            ge=SHIFT_RANGE[0],
+            le=SHIFT_RANGE[1],
+            description=f"sampling time shift (default {config.sampler.get('shift')})",
         )
         seed: int | None = Field(
             None,

@@ -112,6 +112,13 @@ class Settings:
     max_deliveries: int = 3
     redis_pool_size: int = 64
     redis_pool_timeout_s: float = 5.0
+    max_request_cost: int = 8_000
+    queue_max_cost: int = 16_000
+    max_image_side: int = 16_384
+    max_image_aspect: int = 16
+    image_decode_threads: int = 2
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 10.0
     compute_threads: int = 0
 
     @property
@@ -186,6 +193,13 @@ class Settings:
             max_deliveries=_int(env, "MAX_DELIVERIES", 3, 1, 1000),
             redis_pool_size=_int(env, "REDIS_POOL_SIZE", 64, 4, 10_000),
             redis_pool_timeout_s=_float(env, "REDIS_POOL_TIMEOUT_S", 5.0, 0.0, 600.0),
+            max_request_cost=_int(env, "MAX_REQUEST_COST", 8_000, 1, 1 << 40),
+            queue_max_cost=_int(env, "QUEUE_MAX_COST", 16_000, 1, 1 << 50),
+            max_image_side=_int(env, "MAX_IMAGE_SIDE", 16_384, 8, 1 << 20),
+            max_image_aspect=_int(env, "MAX_IMAGE_ASPECT", 16, 1, 1 << 20),
+            image_decode_threads=_int(env, "IMAGE_DECODE_THREADS", 2, 1, 256),
+            header_timeout_s=_float(env, "HEADER_TIMEOUT_S", 10.0, 0.0, 3600.0),
+            body_timeout_s=_float(env, "BODY_TIMEOUT_S", 10.0, 0.0, 3600.0),
             compute_threads=_int(env, "COMPUTE_THREADS", 0, 0, 256),
         )
         if settings.compute_threads > 1 and not settings.runs_concurrently:
@@ -195,4 +209,11 @@ class Settings:
             )
         if settings.api_key is not None and len(settings.api_key) < 16:
             raise SettingsError("API_KEY must be at least 16 characters when set")
+        if settings.max_request_cost > settings.queue_max_cost:
+            # A request the queue could never hold would be admitted by one limit and refused forever
+            # by the other: a 429 its client would retry in vain.
+            raise SettingsError(
+                f"MAX_REQUEST_COST ({settings.max_request_cost}) must not exceed QUEUE_MAX_COST "
+                f"({settings.queue_max_cost})"
+            )
         return settings

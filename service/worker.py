@@ -8,16 +8,19 @@ wait, for no gain), and under load batches form anyway while the previous one co
 batch is read, filled, screened and queued for the compute thread while one computes, so Redis round
 trips and the fill wait do not idle the compute between batches (one batch in hand per compute
 thread, plus the one being read: more would only hold jobs another worker could run). Before running
-a batch it drops jobs whose deadline has passed or whose request was cancelled, so abandoned work
-is never computed. Compute runs on a pool of `COMPUTE_THREADS` threads shared by all tasks (by
-default one, or one per core for single-threaded ONNX Runtime sessions on CPU: `Settings.batch_threads`)
-while the event loop keeps heartbeats and Redis I/O going. Jobs left pending by a dead worker are taken over with XAUTOCLAIM; SIGTERM stops reading,
+a batch it drops jobs whose deadline has passed or whose request was cancelled, and while a batch
+runs it keeps reading the cancel keys, so a job abandoned mid-batch leaves it at the next sampler
+step while the others go on (`service.cancellation`). Compute runs on a pool of `COMPUTE_THREADS`
+threads shared by all tasks (by default one, or one per core for single-threaded ONNX Runtime
+sessions on CPU: `Settings.batch_threads`) while the event loop keeps heartbeats, cancellation checks
+and Redis I/O going. Jobs left pending by a dead worker are taken over with XAUTOCLAIM; SIGTERM stops reading,
 finishes and answers what was read, then deregisters.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -35,7 +38,9 @@ from redis.exceptions import RedisError
 
 from model.sampling import SamplerConfig
 from service import metrics
-from service.broker import BrokerWorker, Job, Keys, Reply, ensure_groups, make_pool, now_ms
+from service.broker import Job, Keys, Reply, ensure_groups, make_pool, now_ms
+from service.broker_worker import BrokerWorker
+from service.cancellation import Abandoned, BatchWatch, PrunedGeneration
 from service.codecs import to_uint8
 from service.runtimes.base import Runtime
 from service.settings import TASKS, Settings
@@ -46,6 +51,10 @@ HEARTBEAT_INTERVAL_S = 1.0
 HEARTBEAT_TTL_MS = 5_000
 POLL_MS = 250
 FILL_POLL_S = 0.001
+CANCEL_POLL_S = 0.01
+"""How often a running batch's cancel keys are read. Reading them continuously, not once per step,
+lets the next step see a cancellation however long the steps are: read after each step instead, a
+cancellation landing just after a read would wait a step to be seen and run a second one."""
 
 
 class JobInputError(ValueError):
@@ -70,11 +79,15 @@ def _parse(task: str, job: Job, runtime: Runtime) -> np.ndarray | tuple[int, int
     return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
-def compute(task: str, jobs: Sequence[Job], runtime: Runtime) -> tuple[list[Reply], float]:
+def compute(
+    task: str, jobs: Sequence[Job], runtime: Runtime, watch: BatchWatch | None = None
+) -> tuple[list[Reply | None], float]:
     """Run one batch (all jobs of one task, generate jobs sharing sampler settings).
 
-    Returns one reply per job and the runtime's own time; a job whose payload cannot be parsed
-    gets an error reply and is left out of the batch. Runtime exceptions propagate.
+    Returns one entry per job and the runtime's own time. A job whose payload cannot be parsed gets
+    an error reply and is left out of the batch; a job `watch` finds abandoned (before the graph
+    call, or between sampler steps) gets None: nobody waits for its answer. Runtime exceptions
+    propagate.
     """
     replies: list[Reply | None] = [None] * len(jobs)
     parsed, index = [], []
@@ -84,9 +97,16 @@ def compute(task: str, jobs: Sequence[Job], runtime: Runtime) -> tuple[list[Repl
             index.append(i)
         except (JobInputError, KeyError, ValueError) as exc:
             replies[i] = Reply(job.job_id, ok=False, status=500, error=f"malformed {task} job: {exc}")
+    watch = watch or BatchWatch(jobs)
+    watch.start()
+    if task != "generate" and index:
+        wanted = watch.live(index)
+        parsed = [p for p, keep in zip(parsed, wanted, strict=True) if keep]
+        index = [i for i, keep in zip(index, wanted, strict=True) if keep]
     elapsed = 0.0
     if parsed:
         start = time.perf_counter()
+        out = None
         if task == "encode":
             images = np.stack(parsed).astype(np.float32) / 255.0
             out, dtype = runtime.encode(images).astype("<f4"), "float32"
@@ -96,9 +116,13 @@ def compute(task: str, jobs: Sequence[Job], runtime: Runtime) -> tuple[list[Repl
             sampler = SamplerConfig(**json.loads(jobs[index[0]].fields[b"sampler"]))
             labels = np.array([p[0] for p in parsed], dtype=np.int64)
             seeds = np.array([p[1] for p in parsed], dtype=np.int64)
-            out, dtype = to_uint8(runtime.generate(labels, seeds, sampler)), "uint8"
+            dtype = "uint8"
+            with contextlib.suppress(Abandoned):
+                out = to_uint8(runtime.generate(labels, seeds, sampler, PrunedGeneration(watch, index)))
         elapsed = time.perf_counter() - start
         for k, i in enumerate(index):
+            if out is None or i in watch.dropped:
+                continue
             item = np.ascontiguousarray(out[k])
             replies[i] = Reply(
                 jobs[i].job_id,
@@ -108,7 +132,7 @@ def compute(task: str, jobs: Sequence[Job], runtime: Runtime) -> tuple[list[Repl
                 data=item.tobytes(),
                 compute_ms=elapsed * 1000,
             )
-    return [r for r in replies if r is not None], elapsed
+    return replies, elapsed
 
 
 def group_jobs(task: str, jobs: Sequence[Job]) -> list[list[Job]]:
@@ -303,8 +327,9 @@ class Worker:
         now = now_ms()
         expired = [j for j in jobs if j.deadline_ms <= now]
         live = [j for j in jobs if j.deadline_ms > now]
-        gone, depth = await self.broker.screen(task, live)
+        gone, depth, cost = await self.broker.screen(task, live)
         metrics.QUEUE_DEPTH.labels(task).set(depth)
+        metrics.QUEUE_COST.labels(task).set(cost)
         cancelled = [j for j in live if j.request_id in gone]
         live = [j for j in live if j.request_id not in gone]
         if expired or cancelled:
@@ -318,12 +343,37 @@ class Worker:
         start = now_ms()
         for job in jobs:
             metrics.QUEUE_WAIT.labels(task).observe(max(start - job.enqueued_ms, 0) / 1000)
-        replies = await self._compute_isolating(task, jobs)
+        watch = BatchWatch(jobs)
+        done = asyncio.Event()
+        watcher = asyncio.create_task(self._watch_cancellations(watch, done))
+        try:
+            replies = await self._compute_isolating(task, jobs, watch)
+        finally:
+            # Not watcher.cancel(): redis-py can swallow a cancellation that lands inside a command.
+            done.set()
+            await asyncio.gather(watcher, return_exceptions=True)
+        for drop in watch.dropped.values():
+            (metrics.EXPIRED if drop.reason == "expired" else metrics.CANCELLED).labels(task).inc()
+            metrics.ABANDONED_COMPUTE.labels(task).observe(drop.lag_s)
         for job, reply in zip(jobs, replies, strict=True):
-            reply.queue_ms = float(max(start - job.enqueued_ms, 0))
+            if reply is not None:
+                reply.queue_ms = float(max(start - job.enqueued_ms, 0))
         await self._answer(task, jobs, replies)
 
-    async def _answer(self, task: str, jobs: list[Job], replies: list[Reply]) -> None:
+    async def _watch_cancellations(self, watch: BatchWatch, done: asyncio.Event) -> None:
+        """Until `done`, read the batch's cancel keys every CANCEL_POLL_S, so a client that goes
+        away frees the batch at the next sampler step."""
+        while not done.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(done.wait(), CANCEL_POLL_S)
+            request_ids = watch.waiting_request_ids()
+            if request_ids and not done.is_set():
+                try:
+                    watch.cancel(await self.broker.cancelled(request_ids))
+                except (RedisError, OSError) as exc:
+                    log.debug("cancel keys unreadable during a batch (%s); deadlines still apply", exc)
+
+    async def _answer(self, task: str, jobs: list[Job], replies: list[Reply | None]) -> None:
         """Deliver computed replies, retrying through a Redis outage until the jobs' deadlines pass.
 
         Dropping finished results on a connection error would leave the jobs pending until
@@ -352,11 +402,15 @@ class Worker:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
 
-    async def _compute_isolating(self, task: str, jobs: list[Job]) -> list[Reply]:
+    async def _compute_isolating(
+        self, task: str, jobs: list[Job], watch: BatchWatch | None = None
+    ) -> list[Reply | None]:
         """Run the batch; if it fails, run each job alone so one bad job fails alone."""
         loop = asyncio.get_running_loop()
         try:
-            replies, elapsed = await loop.run_in_executor(self._executor, compute, task, jobs, self.runtime)
+            replies, elapsed = await loop.run_in_executor(
+                self._executor, compute, task, jobs, self.runtime, watch
+            )
         except Exception as exc:
             if len(jobs) == 1:
                 log.exception("%s job %s failed", task, jobs[0].job_id)

@@ -8,24 +8,33 @@ from __future__ import annotations
 
 import hmac
 
-from fastapi import Depends
+from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 
 from service.api.state import State
 from service.errors import ServiceError
+from service.settings import Settings
 
 bearer = HTTPBearer(auto_error=False, description="API key (when the server sets API_KEY)")
 
 
+def has_key(settings: Settings, authorization: str | None) -> bool:
+    """Whether an Authorization header carries `Bearer <API_KEY>` (always true without API_KEY)."""
+    key = settings.api_key
+    if key is None:
+        return True
+    scheme, credentials = get_authorization_scheme_param(authorization)
+    # Constant-time comparison: the time to reject must not reveal how much of the key matched.
+    return scheme.lower() == "bearer" and hmac.compare_digest(credentials.encode(), key.encode())
+
+
 async def require_key(
-    state: State, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
+    request: Request, state: State, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
 ) -> None:
     """Dependency: 401 unless the request carries `Authorization: Bearer <API_KEY>` (when one is set)."""
-    key = state.settings.api_key
-    if key is None:
+    if has_key(state.settings, request.headers.get("authorization")):
         return
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise ServiceError("missing API key: send 'Authorization: Bearer <key>'", status=401)
-    # Constant-time comparison: the time to reject must not reveal how much of the key matched.
-    if not hmac.compare_digest(credentials.credentials.encode(), key.encode()):
-        raise ServiceError("invalid API key", status=401)
+    raise ServiceError("invalid API key", status=401)

@@ -3,7 +3,9 @@
 Handlers read bodies here rather than through FastAPI's body parameters so that each accepted
 Content-Type is parsed by code that checks it, and every malformed body is a 4xx whose message
 says what was wrong: 400 for undecodable bytes, 415 for a format the endpoint does not take,
-422 for content that breaks a rule or a limit.
+422 for content that breaks a rule or a limit. Every parser is bounded: JSON by nesting depth and
+number length (`service.codecs.parse_json`), multipart by part count, latents by dimensions and
+elements, images by their header (`service.codecs.open_image`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from service.api.negotiation import IMAGE_TYPES, JSON, MULTIPART, NPY, media_typ
 from service.api.state import AppState
 from service.errors import BadInput, UnsupportedMedia
 
+IMAGE_FIELD = "file"
+"""The multipart field that carries images (one part per image), as the OpenAPI document says."""
+
 
 def _media_type(request: Request) -> str:
     return media_type(request.headers.get("content-type", ""))
@@ -29,11 +34,20 @@ def parse_model(model: type[BaseModel], body: bytes) -> BaseModel:
         return model.model_validate_json(body)
     except ValidationError as exc:
         errors = summarise(exc.errors())
-        if any(e["type"] == "json_invalid" for e in errors):
-            raise BadInput(f"body is not valid JSON: {errors[0]['msg']}", status=400) from None
+        invalid = [e for e in errors if e["type"] == "json_invalid"]
+        if invalid:
+            raise BadInput(
+                codecs.json_error(str(invalid[0]["msg"]).removeprefix("Invalid JSON: ")), 400
+            ) from None
         raise BadInput(
             "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in errors)
         ) from None
+
+
+def _field(name: str) -> str:
+    return (
+        name if len(name) <= 40 and name.isprintable() else name[:40].encode("unicode_escape").decode() + "…"
+    )
 
 
 async def read_images(request: Request, state: AppState) -> list[bytes]:
@@ -41,12 +55,20 @@ async def read_images(request: Request, state: AppState) -> list[bytes]:
     limit = state.settings.max_num_images
     media = _media_type(request)
     if media == MULTIPART:
-        form = await request.form(max_files=limit, max_fields=limit + 8)
-        uploads = [v for _, v in form.multi_items() if hasattr(v, "read")]
+        form = await request.form(max_files=limit, max_fields=limit)
+        uploads = []
+        for name, value in form.multi_items():
+            if name != IMAGE_FIELD or not hasattr(value, "read"):
+                kind = "file" if hasattr(value, "read") else "text"
+                raise BadInput(
+                    f"multipart {kind} field '{_field(name)}' is not accepted; send each image as a file "
+                    f"part named '{IMAGE_FIELD}'"
+                )
+            uploads.append(value)
         if not uploads:
-            raise BadInput("multipart body has no file part; send the image(s) as file field(s) named 'file'")
-        if len(uploads) > limit:
-            raise BadInput(f"at most {limit} images per request (MAX_NUM_IMAGES)")
+            raise BadInput(
+                f"multipart body has no file part; send the image(s) as file field(s) named '{IMAGE_FIELD}'"
+            )
         return [await upload.read() for upload in uploads]
     body = await request.body()
     if media == JSON:
@@ -64,14 +86,17 @@ async def read_latents(request: Request, state: AppState) -> np.ndarray:
     """The latents of a decode request (JSON or .npy) as a checked B×d×h×w float32 batch."""
     shape, limit = state.config.latent_shape, state.settings.max_num_images
     media = _media_type(request)
+    if media not in (JSON, NPY):
+        raise UnsupportedMedia(
+            f"Content-Type {media or '(none)'} is not accepted; send application/json or {NPY}"
+        )
     body = await request.body()
     if media == JSON:
-        return codecs.latents_from_json(codecs.parse_json(body), shape, limit)
-    if media == NPY:
-        return codecs.latents_from_npy(body, shape, limit)
-    raise UnsupportedMedia(
-        f"Content-Type {media or '(none)'} is not accepted; send application/json or {NPY}"
-    )
+        latents = codecs.latents_from_json(codecs.parse_json(body), shape, limit)
+    else:
+        latents = codecs.latents_from_npy(body, shape, limit)
+    codecs.check_on_sphere(latents)
+    return latents
 
 
 async def read_generate(request: Request, state: AppState) -> BaseModel:

@@ -1,8 +1,10 @@
 """POST /v1/encode, /v1/decode, /v1/generate: input → one queued job per image → the answer.
 
-An API replica never runs the model. Each handler checks its input (bad input is a 4xx naming the
-problem, never a 500), turns every image or latent into one job, waits for the replies within the
-request's deadline (`service.api.jobs`) and encodes the answer in the format Accept picks.
+An API replica never runs the model. Each handler refuses what it can before reading the body (a
+full queue is a 429, an Accept it cannot satisfy a 406), then checks its input (bad input is a 4xx
+naming the problem, never a 500) and its cost (`service.cost`, at most MAX_REQUEST_COST), turns
+every image or latent into one job, waits for the replies within the request's deadline
+(`service.api.jobs`) and encodes the answer in the format Accept picks.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ from starlette.concurrency import run_in_threadpool
 
 from export.repository import ModelConfig
 from model.sampling import SamplerConfig
-from service import codecs, timing
+from service import codecs, cost, timing
 from service.api import bodies
 from service.api.auth import require_key
-from service.api.jobs import Deadline, run_jobs, timing_headers
+from service.api.jobs import Deadline, admission, check_cost, run_jobs, timing_headers
 from service.api.middleware import endpoint_label
 from service.api.negotiation import IMAGE_TYPES, JSON, MULTIPART, NPY, PNG, choose
 from service.api.openapi import BINARY, app_model, inference_responses, request_body
@@ -47,6 +49,7 @@ SAMPLER_FIELDS: tuple[str, ...] = ("sampler", "steps", "shift", "cfg_scale", "cf
     ),
     response_model=EncodeResponse,
     responses=inference_responses(NPY),
+    dependencies=[Depends(admission("encode"))],
     openapi_extra=request_body(
         {
             MULTIPART: {
@@ -63,20 +66,24 @@ SAMPLER_FIELDS: tuple[str, ...] = ("sampler", "steps", "shift", "cfg_scale", "cf
 )
 @endpoint_label("encode")
 async def encode(request: Request, state: State, due: Deadline) -> Response:
-    size = state.config.image_size
-    images = []
-    for blob in await bodies.read_images(request, state):
-        img = codecs.open_image(blob, state.settings.max_image_pixels)
-        if img.width * img.height <= codecs.INLINE_PIXELS:
-            images.append(codecs.finish_image(img, size))
-        else:
-            images.append(await run_in_threadpool(codecs.finish_image, img, size))
-    payloads = [{"data": img.tobytes()} for img in images]
+    settings = state.settings
+    answer = choose(request.headers.get("accept"), (JSON, NPY))
+    limits = codecs.ImageLimits(settings.max_image_pixels, settings.max_image_side, settings.max_image_aspect)
+    headers_only = [codecs.open_image(blob, limits) for blob in await bodies.read_images(request, state)]
+    pixels = sum(img.width * img.height for img in headers_only)
+    check_cost(
+        state,
+        "encode",
+        len(headers_only) * cost.ENCODE_JOB + cost.decoding(pixels),
+        f"{len(headers_only)} image(s) + {pixels} pixels to decode at 1 per started megapixel",
+    )
+    images = await state.images.finish(headers_only, state.config.image_size, due)
+    payloads = [{"data": img.tobytes(), "cost": cost.ENCODE_JOB} for img in images]
     timing.mark("parse")
     replies = await run_jobs(request, state.jobs(), "encode", payloads, due)
     latents = np.stack([np.frombuffer(r.data, dtype="<f4").reshape(r.shape) for r in replies])
     headers = timing_headers(replies)
-    if choose(request.headers.get("accept", ""), (JSON, NPY)) == NPY:
+    if answer == NPY:
         return Response(codecs.latents_to_npy(latents), media_type=NPY, headers=headers)
     body = {**codecs.latents_to_json(latents), "model": state.config.name, "version": state.config.version}
     return JSONResponse(body, headers=headers)
@@ -93,17 +100,22 @@ async def encode(request: Request, state: State, due: Deadline) -> Response:
     ),
     response_model=ImagesResponse,
     responses=inference_responses(PNG),
+    dependencies=[Depends(admission("decode"))],
     openapi_extra=request_body(
         {JSON: {"schema": LatentPayload.model_json_schema()}, NPY: {"schema": BINARY}}
     ),
 )
 @endpoint_label("decode")
 async def decode(request: Request, state: State, due: Deadline) -> Response:
+    answer_format(request, 1)
     latents = await bodies.read_latents(request, state)
+    answer = answer_format(request, len(latents))
+    check_cost(state, "decode", len(latents) * cost.DECODE_JOB, f"{len(latents)} latent(s)")
+    payloads = [{"data": z.tobytes(), "cost": cost.DECODE_JOB} for z in latents]
     timing.mark("parse")
-    replies = await run_jobs(request, state.jobs(), "decode", [{"data": z.tobytes()} for z in latents], due)
+    replies = await run_jobs(request, state.jobs(), "decode", payloads, due)
     images = [ImageOut(png=p) for p in await pngs(replies, state.config.image_size)]
-    return png_response(request, state, images, replies)
+    return png_response(answer, state, images, replies)
 
 
 @router.post(
@@ -116,38 +128,63 @@ async def decode(request: Request, state: State, due: Deadline) -> Response:
     ),
     response_model=ImagesResponse,
     responses=inference_responses(PNG),
+    dependencies=[Depends(admission("generate"))],
     openapi_extra=request_body({JSON: {"schema": app_model("generate")}}),
 )
 @endpoint_label("generate")
 async def generate(request: Request, state: State, due: Deadline) -> Response:
     config = state.config
+    answer_format(request, 1)
     body = await bodies.read_generate(request, state)
+    answer = answer_format(request, body.num_images)
     label = resolve_class(config, body.class_label)
     sampler = sampler_settings(state, body)
+    per_image = cost.generate_job(SamplerConfig.from_dict(sampler))
+    check_cost(
+        state,
+        "generate",
+        body.num_images * per_image,
+        f"{body.num_images} image(s) × {per_image} network evaluations, guided ones counted twice",
+    )
     # One canonical string per settings: workers batch together only jobs whose strings match.
     key = json.dumps(sampler, sort_keys=True, separators=(",", ":"))
     first = body.seed if body.seed is not None else secrets.randbelow(2**31)
     seeds = [first + i for i in range(body.num_images)]
-    payloads = [{"label": str(label), "seed": str(s), "sampler": key} for s in seeds]
+    payloads = [{"label": str(label), "seed": str(s), "sampler": key, "cost": per_image} for s in seeds]
     timing.mark("parse")
     replies = await run_jobs(request, state.jobs(), "generate", payloads, due)
     images = [
         ImageOut(png=p, seed=s, class_label=label, class_name=config.class_names[label])
         for p, s in zip(await pngs(replies, config.image_size), seeds, strict=True)
     ]
-    return png_response(request, state, images, replies, {"sampler": sampler})
+    return png_response(answer, state, images, replies, {"sampler": sampler})
+
+
+def answer_format(request: Request, count: int) -> str:
+    """JSON or PNG as Accept asks (406 when it allows neither); PNG holds one image, so an answer
+    of several is JSON, or a 406 when the client accepts PNG alone."""
+    accept = request.headers.get("accept")
+    if count == 1:
+        return choose(accept, (JSON, PNG))
+    try:
+        return choose(accept, (JSON,))
+    except NotAcceptable:
+        raise NotAcceptable(
+            f"Accept: image/png holds one image, this request makes {count}; accept application/json"
+        ) from None
 
 
 def resolve_class(config: ModelConfig, value: int | str) -> int:
-    """A class index or name (matched case-insensitively) → the index; 422 when there is none."""
+    """A class index or an exact class name (case and spelling as /v1/models lists them) → the
+    index; 422 when there is none."""
     if isinstance(value, int):
         if not 0 <= value < config.num_classes:
             raise BadInput(f"class_label {value} is out of range; classes are 0..{config.num_classes - 1}")
         return value
-    lowered = {name.lower(): i for i, name in enumerate(config.class_names)}
-    if value.lower() not in lowered:
-        raise BadInput(f"unknown class {value!r}; classes are {list(config.class_names)}")
-    return lowered[value.lower()]
+    if value not in config.class_names:
+        shown = value if len(value) <= 60 else value[:59] + "…"
+        raise BadInput(f"unknown class '{shown}'; class names match exactly: {', '.join(config.class_names)}")
+    return config.class_names.index(value)
 
 
 def sampler_settings(state: AppState, request: BaseModel) -> dict[str, object]:
@@ -192,19 +229,15 @@ async def pngs(replies: Sequence[Reply], size: int) -> list[str]:
 
 
 def png_response(
-    request: Request,
+    answer: str,
     state: AppState,
     images: list[ImageOut],
     replies: Sequence[Reply],
     extra: dict[str, object] | None = None,
 ) -> Response:
-    """JSON with every image, or the one PNG itself when Accept asks for image/png (406 for several)."""
+    """JSON with every image, or the one PNG itself when `answer` (from `answer_format`) is PNG."""
     headers = timing_headers(replies)
-    if choose(request.headers.get("accept", ""), (JSON, PNG)) == PNG:
-        if len(images) != 1:
-            raise NotAcceptable(
-                f"Accept: image/png holds one image, this request makes {len(images)}; ask for JSON"
-            )
+    if answer == PNG:
         if images[0].seed is not None:
             headers["X-Seed"] = str(images[0].seed)
         return Response(base64.b64decode(images[0].png), media_type=PNG, headers=headers)

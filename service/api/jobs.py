@@ -1,42 +1,82 @@
-"""Running a request's jobs: its deadline, the queue, and giving up when the client goes away.
+"""Running a request's jobs: its deadline, admission, the queue, and giving up when the client goes away.
 
 A handler turns its input into one payload per image or latent and hands them here; the broker
 enqueues them all or none and this module waits for the replies within the request's deadline,
 cancelling the jobs as soon as the client disconnects so no worker computes an answer nobody reads.
+Admission happens twice: `admission(task)` refuses (429) before the body is read when the queue
+has no room at all, and the enqueue itself refuses when this request's jobs would pass a bound.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Sequence
-from typing import Annotated
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
 
 from service import metrics, timing
-from service.api.state import State, on_loop
+from service.api.state import AppState, State, on_loop
 from service.broker import BrokerClient, Reply, now_ms
 from service.errors import BadInput, ClientGone, QueueFull
 
 
-def request_deadline(state: State, x_request_timeout: str | None = Header(None)) -> int:
+def request_deadline(
+    state: State,
+    x_request_timeout: Annotated[
+        float | None,
+        Header(
+            gt=0,
+            allow_inf_nan=False,
+            description="Seconds this request may take, at most REQUEST_TIMEOUT_S (a longer value is capped).",
+        ),
+    ] = None,
+) -> int:
     """Dependency: the request's deadline in epoch ms, REQUEST_TIMEOUT_S or a shorter X-Request-Timeout."""
     timeout = state.settings.request_timeout_s
     if x_request_timeout is not None:
-        try:
-            asked = float(x_request_timeout)
-        except ValueError:
-            raise BadInput(
-                f"X-Request-Timeout must be a number of seconds, got {x_request_timeout!r}"
-            ) from None
-        if not 0 < asked < float("inf"):
-            raise BadInput(f"X-Request-Timeout must be > 0 seconds, got {x_request_timeout!r}")
-        timeout = min(timeout, asked)
+        timeout = min(timeout, x_request_timeout)
     return now_ms() + int(timeout * 1000)
 
 
 Deadline = Annotated[int, Depends(on_loop(request_deadline))]
 """Handler parameter type: `due: Deadline` receives the request's deadline (epoch ms)."""
+
+
+def refusal(state: AppState, task: str) -> str | None:
+    """Why `task` takes no request now, when that is known without I/O: its decoding pool is full
+    (encode), or this replica saw its queue full a moment ago."""
+    if task == "encode" and (why := state.images.refusal()) is not None:
+        return why
+    return state.broker.refusal(task) if state.broker is not None else None
+
+
+def admission(task: str) -> Callable[..., Coroutine[Any, Any, None]]:
+    """Dependency of a task's route: 429 before the body is read when the task cannot take a job
+    (`service.api.middleware.EarlyRefusal` answers the cases known without I/O even earlier)."""
+
+    async def admit(state: State) -> None:
+        try:
+            why = refusal(state, task)
+            if why is not None:
+                raise QueueFull(why)
+            await state.jobs().admit(task)
+        except QueueFull:
+            metrics.REJECTED.labels(task, "queue_full").inc()
+            raise
+
+    return admit
+
+
+def check_cost(state: State, task: str, cost: int, what: str) -> None:
+    """422 when a request asks for more work than MAX_REQUEST_COST (`what` says how it adds up)."""
+    limit = state.settings.max_request_cost
+    if cost > limit:
+        metrics.REJECTED.labels(task, "too_costly").inc()
+        raise BadInput(
+            f"this request costs {cost} units ({what}), over the limit of {limit} (MAX_REQUEST_COST); "
+            "ask for fewer images or steps"
+        )
 
 
 async def _watch_disconnect(request: Request) -> None:

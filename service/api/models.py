@@ -7,10 +7,11 @@ from fastapi import APIRouter, Depends
 from service import codecs
 from service.api.auth import require_key
 from service.api.middleware import endpoint_label
+from service.api.openapi import error_responses
 from service.api.state import State
 from service.schemas import ModelEntry, ModelsResponse, WorkerInfo
 
-router = APIRouter(tags=["models"], dependencies=[Depends(require_key)])
+router = APIRouter(tags=["models"], dependencies=[Depends(require_key)], responses=error_responses(401, 500))
 
 
 @router.get("/v1/models", response_model=ModelsResponse)
@@ -34,9 +35,13 @@ async def models(state: State) -> ModelsResponse:
             "max_num_images": settings.max_num_images,
             "max_steps": settings.max_steps,
             "max_image_pixels": settings.max_image_pixels,
+            "max_image_side": settings.max_image_side,
+            "max_image_aspect": settings.max_image_aspect,
             "min_image_side": codecs.MIN_IMAGE_SIDE,
             "max_body_bytes": settings.max_body_bytes,
             "queue_max_len": settings.queue_max_len,
+            "queue_max_cost": settings.queue_max_cost,
+            "max_request_cost": settings.max_request_cost,
         },
         runtime=runtime,
         provider=provider,

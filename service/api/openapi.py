@@ -20,27 +20,66 @@ from fastapi.openapi.models import OpenAPI
 from service.api.state import AppState
 from service.schemas import ErrorResponse, Schemas
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": text}
-    for code, text in {
-        400: "malformed body (bad JSON, bad base64, not a .npy)",
-        401: "API key missing or wrong",
-        406: "the Accept header asks for a format that cannot hold the result",
-        413: "body over MAX_BODY_BYTES, or image over MAX_IMAGE_PIXELS",
-        415: "unsupported Content-Type or image format",
-        422: "invalid content (shape, dtype, NaN/Inf, image too small or truncated, unknown class, limits)",
-        429: "queue full; retry after the Retry-After header",
-        503: "the job queue (Redis) is unreachable",
-        504: "deadline passed; the jobs were cancelled",
-    }.items()
+
+def _header(description: str, kind: str) -> dict[str, Any]:
+    return {"description": description, "schema": {"type": kind}}
+
+
+RETRY_AFTER = {"Retry-After": _header("seconds to wait before retrying", "integer")}
+TIMING_HEADERS = {
+    "X-Queue-Ms": _header("the slowest job's wait in the queue, ms", "number"),
+    "X-Compute-Ms": _header("the slowest job's batch compute time, ms", "number"),
+    "Server-Timing": _header(
+        "the request's time by stage, ms (parse, enqueue, queue, compute, transit, wait, encode, app)",
+        "string",
+    ),
 }
+SEED_HEADER = {"X-Seed": _header("the seed of the image (generate answered as image/png)", "integer")}
+
+ERROR_TEXT: dict[int, str] = {
+    400: "malformed body (bad JSON, JSON nested too deep or with too long a number, bad base64, not a .npy)",
+    401: "API key missing or wrong",
+    404: "no such model",
+    406: "the Accept header allows no format the answer comes in",
+    408: "the request body stalled for BODY_TIMEOUT_S (or its headers took HEADER_TIMEOUT_S); the "
+    "connection is closed",
+    413: "body over MAX_BODY_BYTES, or image over MAX_IMAGE_PIXELS or MAX_IMAGE_SIDE",
+    415: "unsupported Content-Type or image format",
+    422: "invalid content (shape, dtype, NaN/Inf, latent off the sphere, image too small, truncated or too "
+    "elongated, unknown class, wrong JSON type, limits, cost over MAX_REQUEST_COST, X-Request-Timeout)",
+    429: "queue (QUEUE_MAX_LEN, QUEUE_MAX_COST) or image decoding full; retry after the Retry-After header",
+    500: "internal error (a bug, logged by the server; or a job no worker could run)",
+    503: "the job queue (Redis) is unreachable",
+    504: "deadline passed; the jobs were cancelled",
+}
+"""Every error status the service answers, and when (499, a client that went away, is only counted)."""
+
+_ERROR_HEADERS: dict[int, dict[str, Any]] = {
+    401: {"WWW-Authenticate": _header("Bearer", "string")},
+    429: RETRY_AFTER,
+    503: RETRY_AFTER,
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """`responses` entries for these error statuses, with the shared error body and their headers."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for code in codes:
+        out[code] = {"model": ErrorResponse, "description": ERROR_TEXT[code]}
+        if code in _ERROR_HEADERS:
+            out[code]["headers"] = _ERROR_HEADERS[code]
+    return out
+
+
+ERROR_RESPONSES = error_responses(400, 401, 406, 408, 413, 415, 422, 429, 500, 503, 504)
 """The error statuses of the inference routes, each with the shared error body."""
 
 
 def inference_responses(alternative: str) -> dict[int | str, dict[str, Any]]:
-    """`responses` of an inference route: 200 as JSON (the response model) or `alternative`, and
-    every error status."""
-    return {**ERROR_RESPONSES, 200: {"content": {alternative: {}}}}
+    """`responses` of an inference route: 200 as JSON (the response model) or `alternative`, with
+    the timing headers (and X-Seed for a PNG), and every error status."""
+    headers = {**TIMING_HEADERS, **(SEED_HEADER if alternative == "image/png" else {})}
+    return {**ERROR_RESPONSES, 200: {"content": {alternative: {}}, "headers": headers}}
 
 
 BINARY: dict[str, str] = {"type": "string", "format": "binary"}
@@ -68,10 +107,13 @@ def service_description(state: AppState) -> str:
         f"{'×'.join(map(str, config.latent_shape))} float32 latents. Uploaded images are EXIF-rotated, "
         "alpha-composited over black, converted to RGB, resized (bicubic, antialiased) so the short side "
         f'is {size} and centre-cropped. Errors are JSON `{{"detail": ...}}`: 400 malformed body, 401 '
-        "missing/wrong API key, 406 Accept cannot hold the result, 413 body or image too large, 415 "
-        "unsupported content type, 422 invalid content, 429 queue full (Retry-After), 503 backend "
-        "unavailable, 504 deadline passed. Send `X-Request-Timeout` (seconds) to shorten the "
-        f"deadline (at most {settings.request_timeout_s:g} s)."
+        "missing/wrong API key, 404 unknown model, 406 Accept allows no format of the answer, 408 request "
+        "sent too slowly, 413 body or image too large, 415 unsupported content type, 422 invalid content "
+        f"or a cost over {settings.max_request_cost} (MAX_REQUEST_COST; one unit is one network "
+        "evaluation of one image), 429 queue full (Retry-After), 431 request line and headers over "
+        "64 KiB, 500 internal error, 503 backend unavailable, 504 deadline passed. Send "
+        "`X-Request-Timeout` (seconds) to shorten the deadline (at most "
+        f"{settings.request_timeout_s:g} s)."
     )
 
 

@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 
 from export.repository import ModelConfig, resolve_version_dir
 from service import metrics
+from service.api.images import ImageDecoder
 from service.broker import BrokerClient, Keys, make_pool
 from service.schemas import Readiness, Schemas, build_schemas
 from service.settings import TASKS, Settings, SettingsError
@@ -33,12 +34,13 @@ class AppState:
     """What one API replica serves and how it reaches the workers.
 
     `broker` is set while the app's lifespan runs (`connected`); everything else is fixed when the
-    app is built.
+    app is built. The image-decoding pool starts its threads on first use.
     """
 
     settings: Settings
     config: ModelConfig
     schemas: Schemas
+    images: ImageDecoder
     broker: BrokerClient | None = field(default=None, repr=False)
 
     @classmethod
@@ -54,7 +56,12 @@ class AppState:
     @classmethod
     def for_model(cls, settings: Settings, config: ModelConfig) -> AppState:
         """The state for an already-read model config (no repository needed)."""
-        return cls(settings=settings, config=config, schemas=build_schemas(settings, config))
+        return cls(
+            settings=settings,
+            config=config,
+            schemas=build_schemas(settings, config),
+            images=ImageDecoder(settings.image_decode_threads),
+        )
 
     @property
     def provider(self) -> str:
@@ -72,7 +79,12 @@ class AppState:
         settings, config = self.settings, self.config
         pool = make_pool(settings.redis_url, settings.redis_pool_size, settings.redis_pool_timeout_s)
         redis = Redis(connection_pool=pool)
-        broker = BrokerClient(redis, Keys.for_model(config.name, config.version), settings.queue_max_len)
+        broker = BrokerClient(
+            redis,
+            Keys.for_model(config.name, config.version),
+            settings.queue_max_len,
+            queue_max_cost=settings.queue_max_cost,
+        )
         await broker.start(TASKS)
         self.broker = broker
         metrics.MODEL_INFO.labels(config.name, config.version, settings.runtime, self.provider).set(1)

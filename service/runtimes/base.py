@@ -16,6 +16,7 @@ import numpy as np
 
 from export.repository import ModelConfig
 from model.sampling import Networks, SamplerConfig, generate
+from service.cancellation import PrunedGeneration
 
 
 @runtime_checkable
@@ -32,8 +33,17 @@ class Runtime(Protocol):
         """B×d×h×w float32 latents → B×3×H×W float32 images, ≈[0, 1] (unclamped)."""
         ...
 
-    def generate(self, labels: np.ndarray, seeds: np.ndarray, sampler: SamplerConfig) -> np.ndarray:
-        """int64 labels and seeds (B,) → B×3×H×W float32 images; image i depends on seeds[i] alone."""
+    def generate(
+        self,
+        labels: np.ndarray,
+        seeds: np.ndarray,
+        sampler: SamplerConfig,
+        pruning: PrunedGeneration | None = None,
+    ) -> np.ndarray:
+        """int64 labels and seeds (B,) → B×3×H×W float32 images; image i depends on seeds[i] alone.
+
+        With `pruning`, images whose jobs were abandoned leave the batch at the next sampler step
+        (their rows come back as zeros), and Abandoned is raised when none is left."""
         ...
 
     def warmup(self, max_batch: Mapping[str, int]) -> None:
@@ -52,8 +62,14 @@ def generate_images(
     labels: np.ndarray,
     seeds: np.ndarray,
     sampler: SamplerConfig,
+    pruning: PrunedGeneration | None = None,
 ) -> np.ndarray:
-    """`model.sampling.generate` with the version's latent shape, statistics and null class."""
+    """`model.sampling.generate` with the version's latent shape, statistics and null class, and
+    the batch pruned of abandoned jobs between steps when `pruning` is given."""
+    on_step = None
+    if pruning is not None:
+        networks, decode = pruning.wrap(networks, decode)
+        on_step = pruning.on_step
     return generate(
         networks,
         decode,
@@ -64,6 +80,7 @@ def generate_images(
         config.latent_mean,
         config.latent_std,
         config.null_class,
+        on_step=on_step,
     )
 
 

@@ -19,6 +19,7 @@ import onnxruntime as ort
 
 from export.repository import ModelConfig, RepositoryError, verify_version
 from model.sampling import SamplerConfig
+from service.cancellation import PrunedGeneration
 from service.runtimes.base import generate_images, warm_up
 
 log = logging.getLogger(__name__)
@@ -147,8 +148,14 @@ class OnnxRuntime:
     def asarray(values: np.ndarray) -> np.ndarray:
         return values
 
-    def generate(self, labels: np.ndarray, seeds: np.ndarray, sampler: SamplerConfig) -> np.ndarray:
-        return generate_images(self.config, self, self.decode, labels, seeds, sampler)
+    def generate(
+        self,
+        labels: np.ndarray,
+        seeds: np.ndarray,
+        sampler: SamplerConfig,
+        pruning: PrunedGeneration | None = None,
+    ) -> np.ndarray:
+        return generate_images(self.config, self, self.decode, labels, seeds, sampler, pruning)
 
     def warmup(self, max_batch: Mapping[str, int]) -> None:
         warm_up(self.config, max_batch, self.encode, self.decode, self)

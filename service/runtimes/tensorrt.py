@@ -19,6 +19,7 @@ import torch
 
 from export.repository import ModelConfig, RepositoryError, verify_version
 from model.sampling import SamplerConfig
+from service.cancellation import PrunedGeneration
 from service.runtimes.base import generate_images, warm_up
 from service.runtimes.onnxruntime import ProviderUnavailable
 
@@ -171,11 +172,17 @@ class TensorRTRuntime:
     def asarray(values: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(values)).to("cuda")
 
-    def generate(self, labels: np.ndarray, seeds: np.ndarray, sampler: SamplerConfig) -> np.ndarray:
+    def generate(
+        self,
+        labels: np.ndarray,
+        seeds: np.ndarray,
+        sampler: SamplerConfig,
+        pruning: PrunedGeneration | None = None,
+    ) -> np.ndarray:
         def decode(z: torch.Tensor) -> np.ndarray:
             return self._single("decoder", z).cpu().numpy()
 
-        return generate_images(self.config, self, decode, labels, seeds, sampler)
+        return generate_images(self.config, self, decode, labels, seeds, sampler, pruning)
 
     def warmup(self, max_batch: Mapping[str, int]) -> None:
         warm_up(self.config, max_batch, self.encode, self.decode, self)

@@ -19,6 +19,7 @@ from model import checkpoint
 from model.flow import TorchNetworks
 from model.sampling import SamplerConfig
 from model.vfm import build_vfm
+from service.cancellation import PrunedGeneration
 from service.runtimes.base import generate_images, warm_up
 
 FILES: tuple[str, ...] = tuple(
@@ -72,8 +73,14 @@ class TorchRuntime:
     def decode(self, latents: np.ndarray) -> np.ndarray:
         return self._decode(torch.from_numpy(np.ascontiguousarray(latents, dtype=np.float32)))
 
-    def generate(self, labels: np.ndarray, seeds: np.ndarray, sampler: SamplerConfig) -> np.ndarray:
-        return generate_images(self.config, self.networks, self._decode, labels, seeds, sampler)
+    def generate(
+        self,
+        labels: np.ndarray,
+        seeds: np.ndarray,
+        sampler: SamplerConfig,
+        pruning: PrunedGeneration | None = None,
+    ) -> np.ndarray:
+        return generate_images(self.config, self.networks, self._decode, labels, seeds, sampler, pruning)
 
     def warmup(self, max_batch: Mapping[str, int]) -> None:
         warm_up(self.config, max_batch, self.encode, self.decode, self.networks)

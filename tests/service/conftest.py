@@ -24,6 +24,7 @@ import uvicorn
 from prometheus_client import REGISTRY
 
 from export import tiny_repository as tiny
+from service.api.server import PROTOCOL
 from service.app import create_app
 from service.embedded import WorkerThread
 from service.launcher import free_port
@@ -98,7 +99,12 @@ class LiveServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(
-            create_app(settings), host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+            create_app(settings),
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="on",
+            http=PROTOCOL,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

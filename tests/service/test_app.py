@@ -243,7 +243,7 @@ BAD_INPUTS = [
         "generate",
         {"json": {"class_label": 0}, "headers": {"X-Request-Timeout": "soon"}},
         422,
-        "X-Request-Timeout",
+        "x-request-timeout",
     ),
     (
         "png for many images",

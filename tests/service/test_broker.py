@@ -11,7 +11,8 @@ import pytest
 from redis.asyncio import Redis
 
 from model.sampling import SamplerConfig
-from service.broker import GROUP, BrokerClient, BrokerWorker, Keys, now_ms
+from service.broker import GROUP, BrokerClient, Job, Keys, now_ms
+from service.broker_worker import BrokerWorker
 from service.codecs import to_uint8
 from service.errors import DeadlineExceeded, JobFailed, QueueFull
 from service.runtimes.onnxruntime import OnnxRuntime
@@ -45,7 +46,9 @@ class Harness:
         self.settings = make_settings(repository, url, **settings)
         self.runtime = runtime
         self.redis = Redis.from_url(url)
-        self.client = BrokerClient(self.redis, KEYS, self.settings.queue_max_len)
+        self.client = BrokerClient(
+            self.redis, KEYS, self.settings.queue_max_len, queue_max_cost=self.settings.queue_max_cost
+        )
         self.worker: Worker | None = None
         self.worker_task: asyncio.Task | None = None
 
@@ -97,6 +100,61 @@ def test_bounded_enqueue_is_atomic(clean_redis: str, tiny_repository: Path, runt
             )
             assert sum(isinstance(o, QueueFull) for o in outcomes) == 15
             assert sum(isinstance(o, DeadlineExceeded) for o in outcomes) == 5
+            with pytest.raises(DeadlineExceeded):
+                await held
+
+    asyncio.run(scenario())
+
+
+def test_the_queue_is_bounded_in_cost_and_gives_the_cost_back(
+    clean_redis: str, tiny_repository: Path, runtime: OnnxRuntime
+) -> None:
+    async def scenario() -> None:
+        async with Harness(clean_redis, tiny_repository, runtime, queue_max_cost=100) as h:
+            soon = now_ms() + 20_000
+            costly = {"label": "0", "seed": "1", "sampler": sampler_key(), "cost": 60}
+            held = asyncio.create_task(h.client.submit("generate", [costly], soon))
+            await h.queued("generate", 1)
+            assert int(await h.redis.get(KEYS.cost("generate"))) == 60
+            with pytest.raises(QueueFull, match="QUEUE_MAX_COST=100"):
+                await h.client.submit("generate", [costly], soon)  # 60 + 60 > 100
+            await h.client.admit("generate")  # room for something cheaper: no early refusal
+            await h.start_worker()
+            await asyncio.wait_for(held, 20)
+            await h.drained("generate")
+            assert int(await h.redis.get(KEYS.cost("generate")) or 0) == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_job_acknowledged_twice_gives_its_cost_back_once(clean_redis: str) -> None:
+    """A slow worker and the one that reclaimed its job both acknowledge it."""
+
+    async def scenario() -> None:
+        store = Redis.from_url(clean_redis)
+        await store.set(KEYS.cost("decode"), 7)
+        entry = await store.xadd(KEYS.jobs("decode"), {"x": "1"})
+        job = Job(entry, "decode", "j", "r", "reply", now_ms() + 1000, now_ms(), {}, cost=5)
+        for consumer in ("slow", "reclaimer"):
+            await BrokerWorker(store, KEYS, consumer, 1000, 3).drop("decode", [job])
+        assert int(await store.get(KEYS.cost("decode"))) == 2
+        await store.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_full_queue_is_refused_before_a_body_is_read(
+    clean_redis: str, tiny_repository: Path, runtime: OnnxRuntime
+) -> None:
+    async def scenario() -> None:
+        async with Harness(clean_redis, tiny_repository, runtime, queue_max_len=2, queue_max_cost=10) as h:
+            await h.client.admit("decode")
+            held = asyncio.create_task(
+                h.client.submit("decode", [{**latent_payload(0), "cost": 10}], now_ms() + 500)
+            )
+            await h.queued("decode", 1)
+            with pytest.raises(QueueFull, match="1 jobs costing 10 queued"):
+                await h.client.admit("decode")  # no room for even the cheapest job
             with pytest.raises(DeadlineExceeded):
                 await held
 

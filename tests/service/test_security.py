@@ -59,7 +59,7 @@ def valid_call(path: str, method: str) -> dict:
     if path == "/v1/encode":
         return {"content": image_bytes(16, 16), "headers": {"Content-Type": "image/png"}}
     if path == "/v1/decode":
-        return {"json": latent_json(np.zeros((4, 4, 4), np.float32))}
+        return {"json": latent_json(np.ones((4, 4, 4), np.float32))}
     if path == "/v1/generate":
         return {"json": {"class_label": 0, "steps": 1}}
     return {}

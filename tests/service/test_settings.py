@@ -36,6 +36,13 @@ def test_every_variable_is_read() -> None:
         "WORKER_METRICS_PORT": "0",
         "CLAIM_IDLE_MS": "500",
         "MAX_DELIVERIES": "5",
+        "MAX_REQUEST_COST": "300",
+        "QUEUE_MAX_COST": "900",
+        "MAX_IMAGE_SIDE": "640",
+        "MAX_IMAGE_ASPECT": "4",
+        "IMAGE_DECODE_THREADS": "3",
+        "HEADER_TIMEOUT_S": "2",
+        "BODY_TIMEOUT_S": "4.5",
     }
     s = Settings.from_env(env)
     assert s.redis_url == "redis://r:6379/1" and s.model_repository == Path("/models")
@@ -44,6 +51,8 @@ def test_every_variable_is_read() -> None:
     assert (s.queue_max_len, s.request_timeout_s, s.api_key) == (10, 2.5, "k" * 20)
     assert (s.max_body_bytes, s.max_image_pixels, s.max_num_images, s.max_steps) == (2048, 1000, 2, 7)
     assert (s.worker_metrics_port, s.claim_idle_ms, s.max_deliveries) == (0, 500, 5)
+    assert (s.max_request_cost, s.queue_max_cost, s.max_image_side, s.max_image_aspect) == (300, 900, 640, 4)
+    assert (s.image_decode_threads, s.header_timeout_s, s.body_timeout_s) == (3, 2.0, 4.5)
     assert Settings.from_env({"MODEL_VERSION": "latest"}).model_version is None
 
 
@@ -61,6 +70,9 @@ def test_every_variable_is_read() -> None:
         ({"API_KEY": "short"}, "API_KEY"),
         ({"MAX_IMAGE_PIXELS": "999999999"}, "MAX_IMAGE_PIXELS"),
         ({"QUEUE_MAX_LEN": "-1"}, "QUEUE_MAX_LEN"),
+        ({"MAX_REQUEST_COST": "20000"}, "MAX_REQUEST_COST"),  # more than the queue could ever hold
+        ({"HEADER_TIMEOUT_S": "0"}, "HEADER_TIMEOUT_S"),
+        ({"IMAGE_DECODE_THREADS": "0"}, "IMAGE_DECODE_THREADS"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], named: str) -> None:

@@ -17,6 +17,7 @@ from export.repository import ModelConfig
 from service.api.state import AppState
 from service.app import build_app
 from service.broker import Reply
+from service.errors import QueueFull
 from service.settings import Settings
 
 CONFIG = ModelConfig(
@@ -49,6 +50,14 @@ class StandInBroker:
         self.redis = StandInRedis()
         self.workers: list[dict[str, object]] = []
         self.submitted: list[tuple[str, list[dict], int]] = []
+        self.full: set[str] = set()
+
+    def refusal(self, task: str) -> str | None:
+        return f"the {task} queue is full (stand-in)" if task in self.full else None
+
+    async def admit(self, task: str) -> None:
+        if task in self.full:
+            raise QueueFull(self.refusal(task) or "")
 
     async def submit(self, task: str, payloads: Sequence[dict], deadline_ms: int) -> list[Reply]:
         self.submitted.append((task, list(payloads), deadline_ms))

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import io
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from PIL import Image
 
 from service.api import health, inference, models
 from service.api.state import AppState
+from service.app import build_app
 from service.errors import BadInput
 from tests.service.api.conftest import CONFIG
 from tests.service.payloads import image_bytes, npy_bytes
@@ -46,6 +48,42 @@ def test_generate_as_png_carries_its_seed_and_refuses_several_images(http: TestC
     assert np.asarray(Image.open(io.BytesIO(one.content))).max() == 1
     two = http.post("/v1/generate", json={"class_label": 0, "num_images": 2}, headers={"Accept": "image/png"})
     assert two.status_code == 406 and "one image" in two.json()["detail"]
+    either = http.post(
+        "/v1/generate",
+        json={"class_label": 0, "num_images": 2},
+        headers={"Accept": "image/png, application/json;q=0.5"},
+    )
+    assert either.status_code == 200 and len(either.json()["images"]) == 2  # PNG cannot hold two: JSON
+
+
+def test_refusals_that_need_no_body_come_before_it_is_read(http: TestClient, state: AppState) -> None:
+    state.broker.full.add("generate")
+    full = http.post("/v1/generate", content=b"not even json", headers={"Content-Type": "application/json"})
+    assert full.status_code == 429 and full.headers["Retry-After"] == "1"
+    unacceptable = http.post("/v1/decode", content=b"not json", headers={"Accept": "text/html"})
+    assert unacceptable.status_code == 406
+    assert state.broker.submitted == []
+
+
+def test_a_full_queue_is_refused_before_routing_but_never_before_the_key(state: AppState) -> None:
+    keyed = AppState.for_model(replace(state.settings, api_key="k" * 20), state.config)
+    keyed.broker = state.broker
+    state.broker.full.add("decode")
+    http = TestClient(build_app(keyed))
+    assert http.post("/v1/decode", json={}).status_code == 401  # no key: no word about the queue
+    refused = http.post("/v1/decode", json={}, headers={"Authorization": "Bearer " + "k" * 20})
+    assert refused.status_code == 429 and "queue is full" in refused.json()["detail"]
+    assert refused.headers["Retry-After"] == "1" and refused.headers["content-length"]
+
+
+def test_generate_payloads_carry_their_cost(http: TestClient, state: AppState) -> None:
+    http.post("/v1/generate", json={"class_label": 0, "steps": 5, "sampler": "heun", "cfg_scale": 1.0})
+    http.post("/v1/generate", json={"class_label": 0, "steps": 5, "sampler": "euler", "cfg_scale": 3.0})
+    heun, guided = (payloads for _task, payloads, _ in state.broker.submitted)
+    assert heun[0]["cost"] == 9  # 2·5 − 1 evaluations, unguided
+    assert guided[0]["cost"] == 10  # 5 evaluations, both halves
+    too_costly = http.post("/v1/generate", json={"class_label": 0, "num_images": 4, "steps": 50})
+    assert too_costly.status_code == 200  # 4 × 50 × 2 = 400, under the default limit
 
 
 def test_refused_input_never_reaches_the_queue(http: TestClient, state: AppState) -> None:
@@ -67,17 +105,21 @@ def test_encode_answers_latents_as_json_or_npy(http: TestClient, state: AppState
 
 
 def test_decode_sends_each_latent_as_one_job(http: TestClient, state: AppState) -> None:
-    latents = np.arange(2 * 64, dtype=np.float32).reshape(2, *CONFIG.latent_shape)
+    latents = np.arange(1, 2 * 64 + 1, dtype=np.float32).reshape(2, *CONFIG.latent_shape)
+    latents /= np.sqrt(np.mean(latents**2, axis=1, keepdims=True))  # on the sphere, as encode answers
     response = http.post(
         "/v1/decode", content=npy_bytes(latents), headers={"Content-Type": "application/x-npy"}
     )
     assert len(response.json()["images"]) == 2
     _, payloads, _ = state.broker.submitted[0]
     assert [np.frombuffer(p["data"], "<f4").tolist() for p in payloads] == latents.reshape(2, -1).tolist()
+    assert [p["cost"] for p in payloads] == [1, 1]
 
 
 def test_generate_helpers_alone(state: AppState) -> None:
-    assert inference.resolve_class(CONFIG, "Stripe") == 2
+    assert inference.resolve_class(CONFIG, "stripe") == 2
+    with pytest.raises(BadInput, match="match exactly"):
+        inference.resolve_class(CONFIG, "Stripe")  # the documented rule: exact names
     with pytest.raises(BadInput, match="out of range"):
         inference.resolve_class(CONFIG, 3)
     request = state.schemas.generate(class_label=0, sampler="heun")
