@@ -345,13 +345,17 @@ class Worker:
             metrics.QUEUE_WAIT.labels(task).observe(max(start - job.enqueued_ms, 0) / 1000)
         watch = BatchWatch(jobs)
         done = asyncio.Event()
-        watcher = asyncio.create_task(self._watch_cancellations(watch, done))
+        # Only generation looks again once its batch runs (before each sampler step); encode and
+        # decode look once, before their graph call, with what the pre-batch screen read and their
+        # deadlines, so polling cancel keys during their compute would be round trips nobody reads.
+        watcher = asyncio.create_task(self._watch_cancellations(watch, done)) if task == "generate" else None
         try:
             replies = await self._compute_isolating(task, jobs, watch)
         finally:
             # Not watcher.cancel(): redis-py can swallow a cancellation that lands inside a command.
             done.set()
-            await asyncio.gather(watcher, return_exceptions=True)
+            if watcher is not None:
+                await asyncio.gather(watcher, return_exceptions=True)
         for drop in watch.dropped.values():
             (metrics.EXPIRED if drop.reason == "expired" else metrics.CANCELLED).labels(task).inc()
             metrics.ABANDONED_COMPUTE.labels(task).observe(drop.lag_s)
