@@ -51,6 +51,12 @@ HEARTBEAT_INTERVAL_S = 1.0
 HEARTBEAT_TTL_MS = 5_000
 POLL_MS = 250
 FILL_POLL_S = 0.001
+FRESH_MS = 5
+"""A batch whose jobs were all queued less than this long ago computes while its cancel keys are
+read, instead of after: at low concurrency that round trip would sit in front of every request, and
+a client that goes away within milliseconds of sending is rare. What the read finds still applies:
+the job leaves the batch before its graph call or next sampler step if the answer comes in time, and
+gets no reply otherwise. Older jobs, the ones a full queue holds, are screened before they compute."""
 CANCEL_POLL_S = 0.01
 """How often a running batch's cancel keys are read. Reading them continuously, not once per step,
 lets the next step see a cancellation however long the steps are: read after each step instead, a
@@ -327,9 +333,16 @@ class Worker:
         now = now_ms()
         expired = [j for j in jobs if j.deadline_ms <= now]
         live = [j for j in jobs if j.deadline_ms > now]
-        gone, depth, cost = await self.broker.screen(task, live)
-        metrics.QUEUE_DEPTH.labels(task).set(depth)
-        metrics.QUEUE_COST.labels(task).set(cost)
+        screening = asyncio.create_task(self._screen(task, live))
+        if live and all(now - job.enqueued_ms < FRESH_MS for job in live):
+            # Fresh jobs compute while their cancel keys are read: `_run_group` applies the answer.
+            if expired:
+                await self.broker.drop(task, expired)
+                metrics.EXPIRED.labels(task).inc(len(expired))
+            for group in group_jobs(task, live):
+                await self._run_group(task, group, screening)
+            return
+        gone = await screening
         cancelled = [j for j in live if j.request_id in gone]
         live = [j for j in live if j.request_id not in gone]
         if expired or cancelled:
@@ -339,11 +352,29 @@ class Worker:
         for group in group_jobs(task, live):
             await self._run_group(task, group)
 
-    async def _run_group(self, task: str, jobs: list[Job]) -> None:
+    async def _screen(self, task: str, jobs: list[Job]) -> dict[str, int]:
+        """The cancelled requests among `jobs`, with the queue gauges, in one round trip."""
+        gone, depth, cost = await self.broker.screen(task, jobs)
+        metrics.QUEUE_DEPTH.labels(task).set(depth)
+        metrics.QUEUE_COST.labels(task).set(cost)
+        return gone
+
+    async def _run_group(
+        self, task: str, jobs: list[Job], screening: asyncio.Task[dict[str, int]] | None = None
+    ) -> None:
+        """Compute one batch and answer it. With `screening` (its cancel keys, still being read)
+        a cancellation it finds reaches the batch as soon as it is known: before the graph call or
+        the next sampler step if still in time, else the finished job just gets no reply."""
         start = now_ms()
         for job in jobs:
             metrics.QUEUE_WAIT.labels(task).observe(max(start - job.enqueued_ms, 0) / 1000)
         watch = BatchWatch(jobs)
+        if screening is not None:
+            screening.add_done_callback(
+                lambda done: (
+                    watch.cancel(done.result()) if not done.cancelled() and not done.exception() else None
+                )
+            )
         done = asyncio.Event()
         # Only generation looks again once its batch runs (before each sampler step); encode and
         # decode look once, before their graph call, with what the pre-batch screen read and their
@@ -359,6 +390,15 @@ class Worker:
         for drop in watch.dropped.values():
             (metrics.EXPIRED if drop.reason == "expired" else metrics.CANCELLED).labels(task).inc()
             metrics.ABANDONED_COMPUTE.labels(task).observe(drop.lag_s)
+        if screening is not None:
+            try:
+                gone = await screening
+            except (RedisError, OSError):
+                gone = {}  # the computed answers still go out (`_answer` rides out an outage)
+            for i, job in enumerate(jobs):
+                if replies[i] is not None and job.request_id in gone:
+                    replies[i] = None  # computed before its cancellation was read: nobody waits
+                    metrics.CANCELLED.labels(task).inc()
         for job, reply in zip(jobs, replies, strict=True):
             if reply is not None:
                 reply.queue_ms = float(max(start - job.enqueued_ms, 0))

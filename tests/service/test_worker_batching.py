@@ -23,6 +23,8 @@ from service.runtimes.onnxruntime import OnnxRuntime
 from tests.service.conftest import sample
 from tests.service.test_broker import KEYS, Harness, latent_payload
 
+WAITS = {"encode": 2, "decode": 2, "generate": 20}
+
 
 @pytest.fixture(scope="module")
 def runtime(tiny_repository: Path) -> OnnxRuntime:
@@ -247,3 +249,33 @@ def test_two_compute_threads_run_two_batches_at_once(
 
     asyncio.run(scenario())
     assert gated.batches == [1, 2]
+
+
+def test_a_fresh_batch_computes_while_its_cancel_keys_are_read(
+    clean_redis: str, tiny_repository: Path, runtime: OnnxRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Jobs queued moments ago are not held back by the cancel-key round trip; what it finds still
+    holds: the cancelled request gets no answer, its job is acknowledged and counted cancelled, and
+    the others of the batch are answered."""
+    from service import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "FRESH_MS", 60_000)  # every batch counts as fresh
+    cancelled = sample("pae_jobs_cancelled_total", {"task": "decode"})
+
+    async def scenario() -> None:
+        async with Harness(clean_redis, tiny_repository, runtime, max_wait_ms={**WAITS, "decode": 200}) as h:
+            deadline = now_ms() + 20_000
+            gone = asyncio.create_task(h.client.submit("decode", [latent_payload(1)], deadline))
+            kept = asyncio.create_task(h.client.submit("decode", [latent_payload(2)], deadline))
+            await h.queued("decode", 2)
+            gone.cancel()  # what the API does when the client disconnects: it sets the cancel key
+            with pytest.raises(asyncio.CancelledError):
+                await gone
+            await h.start_worker()
+            assert len(await asyncio.wait_for(kept, 15)) == 1
+            await h.drained("decode")
+            replies = await h.redis.xrange(h.client.reply_key)
+            assert len(replies) == 1  # the cancelled job's answer was never written
+
+    asyncio.run(scenario())
+    assert sample("pae_jobs_cancelled_total", {"task": "decode"}) - cancelled == 1
