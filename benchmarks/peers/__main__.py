@@ -49,8 +49,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--ort-threads",
         type=int,
-        default=0,
-        help="intra-op threads of every server and the ceiling (0: ORT's)",
+        default=1,
+        help="intra-op threads of every server's sessions and the ceiling's (0: ONNX Runtime's choice)",
     )
     parser.add_argument("--batch", type=int, default=16, help="batch size of the ceiling (the servers' max)")
     parser.add_argument("--ceiling-seconds", type=float, default=1.5, help="timing per graph and batch size")

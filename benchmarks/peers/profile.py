@@ -19,14 +19,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("compute (worker)", ("compute (service/worker.py", "_compute_isolating")),
+    ("compute (worker)", ("compute (service/worker.py", "service/cancellation.py", "service/runtimes/")),
     ("png / json encode", ("encode_png", "pngs (", "png_response", "JSONResponse", "latents_to_json")),
     ("body parse", ("read_latents", "read_images", "read_generate", "latents_from", "parse_model")),
     ("image decode / resize", ("open_image", "finish_image", "decode_image")),
     ("enqueue", ("submit (service/broker.py",)),
     ("reply dispatcher", ("_dispatch (service/broker.py",)),
-    ("worker: read / screen / answer", ("_task_loop", "_process (service/worker.py", "_fill", "_answer")),
-    ("worker: heartbeat", ("_heartbeat",)),
+    ("worker: read / screen / answer", ("service/worker.py", "service/broker_worker.py")),
     ("peer handler (decode, run, encode)", ("benchmarks/peers/graphs.py", "benchmarks/peers/ray_peer.py")),
     ("metrics and body-limit middleware", ("prometheus_client", "service/api/middleware.py")),
     ("server timing", ("service/timing.py",)),
