@@ -28,6 +28,7 @@ from service.api.middleware import EarlyRefusal, RequestBody, RequestMetrics
 from service.api.server import BODY_TIMEOUT_STATE, HEADER_TIMEOUT_STATE
 from service.api.state import AppState, attach, state_of
 from service.settings import Settings
+from service.timing import ServerTiming
 
 ROUTERS = (inference.router, models.router, health.router)
 
@@ -74,7 +75,9 @@ def build_app(state: AppState) -> FastAPI:
         total_timeout_s=settings.request_timeout_s,
     )
     app.add_middleware(EarlyRefusal, routes=routes)
-    # The middleware added last is outermost: the metrics see every answer, the body limit's 413 too.
+    # The middleware added last is outermost: the metrics see every answer, the body limit's 413 too,
+    # and Server-Timing's `app` stage holds all the app's time.
     app.add_middleware(RequestMetrics, routes=routes)
+    app.add_middleware(ServerTiming)
     openapi.install(app, state)
     return app

@@ -41,6 +41,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
+from service import timing
 from service.errors import DeadlineExceeded, JobFailed, QueueFull, Unavailable
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,11 @@ FULL_MEMORY_S = 0.05
 """How long a replica refuses a task's requests without asking Redis after it saw the queue full.
 Under a burst that turns most 429s into a dictionary lookup; a queue that frees room meanwhile
 costs a few needless 429s, whose Retry-After is a second anyway."""
+ROOM_MEMORY_S = 0.05
+"""How long a replica admits a task's requests without asking Redis after it saw the queue at most
+half full (every enqueue reports the queue it left): under steady traffic the early check then costs
+no round trip. A queue that fills from half to full meanwhile is still refused exactly by the
+enqueue script, only after the body was read."""
 
 # KEYS[1] = job stream, KEYS[2] = its cost counter. ARGV = max_len, max_cost, n_jobs, cost, then
 # per job: n_pairs, field1, value1, ... XLEN counts queued plus in-flight jobs (workers delete
@@ -76,7 +82,6 @@ if len + n > tonumber(ARGV[1]) or cost + add > tonumber(ARGV[2]) then
   return {0, len, cost}
 end
 redis.call('INCRBY', KEYS[2], add)
-local out = {1}
 local pos = 5
 for i = 1, n do
   local pairs_n = tonumber(ARGV[pos])
@@ -86,9 +91,9 @@ for i = 1, n do
     args[#args + 1] = ARGV[pos]
     pos = pos + 1
   end
-  out[#out + 1] = redis.call(unpack(args))
+  redis.call(unpack(args))
 end
-return out
+return {1, len + n, cost + add}
 """
 
 
@@ -260,6 +265,7 @@ class BrokerClient:
         self.queue_max_len = queue_max_len
         self.queue_max_cost = queue_max_cost
         self._full: dict[str, tuple[float, str]] = {}
+        self._room: dict[str, float] = {}
         self.replica_id = replica_id or uuid.uuid4().hex
         self.reply_key = keys.reply(self.replica_id)
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
@@ -323,12 +329,15 @@ class BrokerClient:
 
         Made before a request's body is read: under a burst the refusal must not wait for an
         upload, JSON parsing or image decoding it would throw away. One round trip, or none while
-        the queue was seen full in the last FULL_MEMORY_S. The enqueue script stays the exact
-        check; this one only answers early when the answer is already known.
+        the queue was seen full in the last FULL_MEMORY_S (a 429) or at most half full in the last
+        ROOM_MEMORY_S (admitted). The enqueue script stays the exact check; this one only answers
+        early when the answer is already known.
         """
         refusal = self.refusal(task)
         if refusal is not None:
             raise QueueFull(refusal)
+        if time.monotonic() < self._room.get(task, 0.0):
+            return
         pipe = self.redis.pipeline(transaction=False)
         pipe.xlen(self.keys.jobs(task))
         pipe.get(self.keys.cost(task))
@@ -339,11 +348,18 @@ class BrokerClient:
         cost = int(cost or 0) if length else 0
         if length >= self.queue_max_len or cost >= self.queue_max_cost:
             raise QueueFull(self._remember_full(task, int(length), cost))
+        self._remember_room(task, int(length), cost)
 
     def refusal(self, task: str) -> str | None:
         """Why the task's queue is full, if it was seen full in the last FULL_MEMORY_S (no I/O)."""
         until, message = self._full.get(task, (0.0, ""))
         return message if time.monotonic() < until else None
+
+    def _remember_room(self, task: str, length: int, cost: int) -> None:
+        if 2 * length <= self.queue_max_len and 2 * cost <= self.queue_max_cost:
+            self._room[task] = time.monotonic() + ROOM_MEMORY_S
+        else:
+            self._room.pop(task, None)
 
     def _remember_full(self, task: str, length: int, cost: int) -> str:
         message = self._full_message(task, length, cost)
@@ -399,6 +415,8 @@ class BrokerClient:
                 if length >= self.queue_max_len or cost >= self.queue_max_cost:
                     self._remember_full(task, length, cost)
                 raise QueueFull(self._full_message(task, length, cost, len(payloads), total))
+            self._remember_room(task, int(result[1]), int(result[2]))
+            timing.mark("enqueue")
             timeout = (deadline_ms - now_ms()) / 1000
             # asyncio.wait, not wait_for(gather(...)): a gather cancelled with its caller keeps a
             # CancelledError nobody retrieves, which asyncio logs as an error with a traceback.
@@ -413,6 +431,7 @@ class BrokerClient:
                     f"the {task} request did not finish within its deadline; its jobs were cancelled"
                 )
             replies = [future.result() for future in futures]
+            timing.mark("wait")
         finally:
             for job_id in job_ids:
                 self._waiting.pop(job_id, None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from redis.asyncio import Redis
 
@@ -83,17 +83,21 @@ class BrokerWorker:
             await pipe.execute()
         return jobs
 
-    async def reclaim(self, task: str, count: int) -> tuple[list[Job], list[Job]]:
+    async def reclaim(
+        self, task: str, count: int, held: Collection[bytes] = ()
+    ) -> tuple[list[Job], list[Job]]:
         """XAUTOCLAIM jobs idle longer than CLAIM_IDLE_MS; return (to run, dead-lettered).
 
         A job whose delivery count now exceeds MAX_DELIVERIES is copied to the dead-letter stream,
-        its caller gets an error reply, and it is acknowledged and deleted.
+        its caller gets an error reply, and it is acknowledged and deleted. Entries in `held` (jobs
+        this worker is already running or about to run) are left alone: claiming them back only
+        reset their idle time.
         """
         stream = self.keys.jobs(task)
         resp = await self.redis.xautoclaim(
             stream, GROUP, self.consumer, self.claim_idle_ms, "0-0", count=count
         )
-        jobs = await self._parse(task, [(eid, f) for eid, f in resp[1] if f])
+        jobs = await self._parse(task, [(eid, f) for eid, f in resp[1] if f and eid not in held])
         if not jobs:
             return [], []
         pipe = self.redis.pipeline(transaction=False)
@@ -121,6 +125,7 @@ class BrokerWorker:
             dead_fields.update({b"reason": reason.encode(), b"deliveries": str(job.deliveries).encode()})
             pipe.xadd(self.keys.dead(task), dead_fields, maxlen=DEAD_MAXLEN, approximate=True)
             self._queue_reply(pipe, job, Reply(job.job_id, ok=False, status=500, error=reason))
+        self._queue_expiry(pipe, jobs)
         self._queue_ack(pipe, task, jobs)
         await pipe.execute()
 
@@ -163,12 +168,18 @@ class BrokerWorker:
         for job, reply in zip(jobs, replies, strict=True):
             if reply is not None:
                 self._queue_reply(pipe, job, reply)
+        self._queue_expiry(pipe, [job for job, reply in zip(jobs, replies, strict=True) if reply is not None])
         self._queue_ack(pipe, task, jobs)
         await pipe.execute()
 
     def _queue_reply(self, pipe, job: Job, reply: Reply) -> None:
         pipe.xadd(job.reply_key, reply.to_fields(), maxlen=REPLY_MAXLEN, approximate=True)
-        pipe.pexpire(job.reply_key, REPLY_TTL_MS)
+
+    def _queue_expiry(self, pipe, jobs: Sequence[Job]) -> None:
+        """Renew the TTL of each reply stream written to, once per stream (a batch's jobs mostly
+        answer the same few API replicas)."""
+        for key in {job.reply_key for job in jobs}:
+            pipe.pexpire(key, REPLY_TTL_MS)
 
     def _queue_ack(self, pipe, task: str, jobs: Sequence[Job]) -> None:
         pairs: list[bytes | int] = []

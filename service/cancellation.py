@@ -5,9 +5,10 @@ says so at any moment) or its client goes away (the API sets the request's cance
 worker's event loop reads while the batch computes). Generation looks before every sampler step
 and leaves the abandoned images out of the network calls from then on; the rest of the batch goes
 on with the same numbers it would have had, because every image depends on its own seed alone.
-Encode and decode look before their single graph call. So a batch spends at most one step (plus
-the time the cancel key takes to be read, CANCEL_POLL_S in the worker) on a job nobody waits for,
-instead of the whole batch.
+Encode and decode look before their single graph call, with their deadlines and the cancel keys
+the worker read just before handing the batch to a compute thread. So a batch spends at most one
+step (plus the time the cancel key takes to be read, CANCEL_POLL_S in the worker) on a job nobody
+waits for, instead of the whole batch.
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 from service.settings import Settings, SettingsError
 
@@ -67,7 +67,7 @@ def ensure_default_model(settings: Settings) -> None:
 
 
 def serve_main(argv: Sequence[str] | None = None) -> None:
-    """`pae-serve`: run the API; with no REDIS_URL also a private redis-server and one worker."""
+    """`pae-serve`: run the API; with no REDIS_URL also a private redis-server and one worker process."""
     parser = argparse.ArgumentParser(prog="pae-serve", description=serve_main.__doc__)
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
@@ -83,14 +83,16 @@ def serve_main(argv: Sequence[str] | None = None) -> None:
     ensure_default_model(settings)
 
     multiproc_dir = None
-    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    # Several API processes, or the API and its embedded worker process, share one metrics view.
+    several = args.workers > 1 or settings.redis_url is None
+    if several and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         multiproc_dir = tempfile.mkdtemp(prefix="pae-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
 
     import uvicorn
 
     from service.api.server import PROTOCOL
-    from service.embedded import WorkerThread
+    from service.embedded import WorkerProcess
     from service.launcher import LaunchError
     from service.redis_server import RedisServer
 
@@ -98,7 +100,7 @@ def serve_main(argv: Sequence[str] | None = None) -> None:
     # lets the `finally` below stop the embedded worker and redis-server instead of orphaning them.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     embedded: RedisServer | None = None
-    worker: WorkerThread | None = None
+    worker: WorkerProcess | None = None
     try:
         if settings.redis_url is None:
             try:
@@ -107,9 +109,12 @@ def serve_main(argv: Sequence[str] | None = None) -> None:
             except LaunchError as exc:
                 sys.exit(f"pae-serve: {exc}")
             os.environ["REDIS_URL"] = url
-            worker = WorkerThread(replace(settings, redis_url=url), url)
-            worker.start()
-            log.info("embedded mode: redis at %s, one in-process worker", url)
+            worker = WorkerProcess(url, args.log_level)
+            try:
+                pid = worker.start().program_pid
+            except LaunchError as exc:
+                sys.exit(f"pae-serve: the embedded worker did not start: {exc}")
+            log.info("embedded mode: redis at %s, worker process %d", url, pid)
         uvicorn.run(
             "service.app:create_app",
             factory=True,
@@ -133,6 +138,12 @@ def worker_main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pae-worker", description=worker_main.__doc__)
     parser.add_argument("--tasks", default="encode,decode,generate", help="comma-separated tasks to serve")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument(
+        "--exit-with-parent",
+        type=int,
+        metavar="PID",
+        help="drain and exit when process PID (the parent that started this worker) is gone",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -163,7 +174,30 @@ def worker_main(argv: Sequence[str] | None = None) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
+        if args.exit_with_parent:
+            watch = asyncio.create_task(_stop_when_orphaned(worker, args.exit_with_parent))
         await worker.run()
+        if args.exit_with_parent:
+            watch.cancel()
 
-    asyncio.run(run())
+    _run_event_loop(run())
     log.info("worker %s drained and stopped", worker.worker_id)
+
+
+async def _stop_when_orphaned(worker, parent: int, every_s: float = 0.5) -> None:
+    """Stop `worker` once `parent` is no longer this process's parent (it exited or was killed)."""
+    while os.getppid() == parent:
+        await asyncio.sleep(every_s)
+    log.warning("parent process %d is gone; the worker drains and stops", parent)
+    worker.stop()
+
+
+def _run_event_loop(main: Coroutine[Any, Any, None]) -> None:
+    """uvloop when installed (uvicorn[standard] brings it, and the API runs on it too): the worker's
+    loop handles every job's Redis traffic, and uvloop's costs less CPU per callback than asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -242,8 +243,8 @@ def _check_shape_list(shape: object, max_elements: int, max_dims: int) -> tuple[
         raise BadInput(f"latent 'shape' has {len(shape)} dimensions; at most {max_dims} are allowed")
     if any(d < 1 for d in shape):
         raise BadInput(f"latent 'shape' sizes must be positive, got {_short(shape)}")
-    # Each size is bounded before the product, which a huge integer would overflow.
-    if any(d > max_elements for d in shape) or int(np.prod(shape, dtype=np.float64)) > max_elements:
+    # Each size is bounded before the product, which stays an exact (small) Python int.
+    if any(d > max_elements for d in shape) or math.prod(shape) > max_elements:
         raise BadInput(
             f"latent 'shape' {_short(shape)} has more elements than the {max_elements} a request may hold "
             "(MAX_NUM_IMAGES latents)"
@@ -264,10 +265,10 @@ def latents_from_json(payload: object, latent_shape: tuple[int, ...], max_items:
     if dtype not in (LATENT_DTYPE, "<f4"):
         got = f"'{_short(dtype)}'" if isinstance(dtype, str) else json_type(dtype)
         raise BadInput(f"latent dtype must be 'float32' (little-endian), got {got}")
-    max_elements = max_items * int(np.prod(latent_shape))
+    max_elements = max_items * math.prod(latent_shape)
     shape = _check_shape_list(payload["shape"], max_elements, len(latent_shape) + 1)
     raw = decode_base64(payload["data"], "latent 'data'")
-    expected = int(np.prod(shape)) * 4
+    expected = math.prod(shape) * 4
     if len(raw) != expected:
         raise BadInput(
             f"latent 'data' holds {len(raw)} bytes but shape {list(shape)} of float32 needs {expected}"
@@ -299,9 +300,9 @@ def latents_from_npy(data: bytes, latent_shape: tuple[int, ...], max_items: int)
         raise BadInput("npy arrays of Python objects are refused (they would need pickle)")
     if dtype != np.dtype("<f4") and dtype != np.dtype(">f4"):
         raise BadInput(f"latent dtype must be float32, got {dtype.str} ({dtype})")
-    max_elements = max_items * int(np.prod(latent_shape))
+    max_elements = max_items * math.prod(latent_shape)
     shape = _check_shape_list(list(shape), max_elements, len(latent_shape) + 1)
-    expected = int(np.prod(shape)) * 4
+    expected = math.prod(shape) * 4
     raw = stream.read()
     if len(raw) != expected:
         raise BadInput(

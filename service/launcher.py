@@ -172,8 +172,10 @@ def start_process(
     lifetime_s: float | None = None,
     probe: str = "",
     port: int = 0,
+    inherit_output: bool = False,
 ) -> Proc:
-    """Start `argv` in its own session, output appended to `log` (discarded without one).
+    """Start `argv` in its own session, output appended to `log` (without one: discarded, or
+    written to this process's own stdout and stderr with `inherit_output`).
 
     `env` is laid over `base_env` (default: this process's environment) and recorded in the Proc.
     With `lifetime_s` the program runs under `timeout`: SIGTERM when the lifetime is up, SIGKILL
@@ -185,12 +187,13 @@ def start_process(
     environ = {**(os.environ if base_env is None else base_env), **(env or {})}
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
+    discard = None if inherit_output else subprocess.DEVNULL
     with open(log, "ab") if log is not None else contextlib.nullcontext() as out:
         popen = subprocess.Popen(
             full,
             stdin=subprocess.DEVNULL,
-            stdout=out if out is not None else subprocess.DEVNULL,
-            stderr=subprocess.STDOUT if out is not None else subprocess.DEVNULL,
+            stdout=out if out is not None else discard,
+            stderr=subprocess.STDOUT if out is not None else discard,
             env=environ,
             cwd=cwd,
             start_new_session=True,

@@ -7,6 +7,7 @@ variable, instead of surfacing as a confusing failure under load.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,19 @@ ORT_PROVIDERS: tuple[str, ...] = ("cpu", "cuda", "tensorrt")
 
 _DEFAULT_MAX_BATCH = {"encode": 16, "decode": 16, "generate": 8}
 _DEFAULT_MAX_WAIT_MS = {"encode": 5, "decode": 5, "generate": 10}
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup (v2) CPU quota, which is
+    how a container's CPU limit shows (a pod on a 64-core node limited to 2 CPUs gets 2)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return cores
+    if quota == "max":
+        return cores
+    return max(1, min(cores, math.ceil(int(quota) / int(period))))
 
 
 class SettingsError(ValueError):
@@ -105,6 +119,28 @@ class Settings:
     image_decode_threads: int = 2
     header_timeout_s: float = 10.0
     body_timeout_s: float = 10.0
+    compute_threads: int = 0
+
+    @property
+    def runs_concurrently(self) -> bool:
+        """Whether the runtime takes several batches at once (ONNX Runtime sessions do; a TensorRT
+        execution context or the torch backend are kept to one)."""
+        return self.runtime == "onnxruntime"
+
+    @property
+    def batch_threads(self) -> int:
+        """Batches one worker computes at once (COMPUTE_THREADS; 0 ⇒ automatic).
+
+        Automatic: on ONNX Runtime's CPU provider with a fixed ORT_INTRA_OP_THREADS, as many batches
+        as those threads fit in the cores this process may use, so each batch has cores of its own:
+        independent single-threaded runs keep every core busy where one run's thread pool would wait
+        at each operator for a thread whose core another process took. Otherwise one.
+        """
+        if self.compute_threads:
+            return self.compute_threads
+        if self.runtime == "onnxruntime" and self.ort_provider == "cpu" and self.ort_intra_op_threads:
+            return max(1, usable_cores() // self.ort_intra_op_threads)
+        return 1
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -164,7 +200,13 @@ class Settings:
             image_decode_threads=_int(env, "IMAGE_DECODE_THREADS", 2, 1, 256),
             header_timeout_s=_float(env, "HEADER_TIMEOUT_S", 10.0, 0.0, 3600.0),
             body_timeout_s=_float(env, "BODY_TIMEOUT_S", 10.0, 0.0, 3600.0),
+            compute_threads=_int(env, "COMPUTE_THREADS", 0, 0, 256),
         )
+        if settings.compute_threads > 1 and not settings.runs_concurrently:
+            raise SettingsError(
+                f"COMPUTE_THREADS={settings.compute_threads} needs the onnxruntime runtime (its sessions "
+                f"take concurrent runs); RUNTIME={settings.runtime} computes one batch at a time"
+            )
         if settings.api_key is not None and len(settings.api_key) < 16:
             raise SettingsError("API_KEY must be at least 16 characters when set")
         if settings.max_request_cost > settings.queue_max_cost:

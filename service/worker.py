@@ -4,12 +4,16 @@ One asyncio loop per task reads up to `MAX_BATCH_SIZE_<TASK>` jobs; when traffic
 read, or the previous batch, held more than one job) it then waits at most `MAX_WAIT_MS_<TASK>` for
 the batch to fill (Triton's max queue delay). A lone job on an idle queue runs at once: waiting for
 company that is not coming only adds latency (measured at concurrency 1: p50 5 → 11 ms with the
-wait, for no gain), and under load batches form anyway while the previous one computes. Before running
+wait, for no gain), and under load batches form anyway while the previous one computes: the next
+batch is read, filled, screened and queued for the compute thread while one computes, so Redis round
+trips and the fill wait do not idle the compute between batches (one batch in hand per compute
+thread, plus the one being read: more would only hold jobs another worker could run). Before running
 a batch it drops jobs whose deadline has passed or whose request was cancelled, and while a batch
 runs it keeps reading the cancel keys, so a job abandoned mid-batch leaves it at the next sampler
-step while the others go on (`service.cancellation`). Compute runs on one thread shared by all tasks
-(one model, one device; parallel batches would only fight for the same cores) while the event loop
-keeps heartbeats, cancellation checks and Redis I/O going. Jobs left pending by a dead worker are taken over with XAUTOCLAIM; SIGTERM stops reading,
+step while the others go on (`service.cancellation`). Compute runs on a pool of `COMPUTE_THREADS`
+threads shared by all tasks (by default one, or one per core for single-threaded ONNX Runtime
+sessions on CPU: `Settings.batch_threads`) while the event loop keeps heartbeats, cancellation checks
+and Redis I/O going. Jobs left pending by a dead worker are taken over with XAUTOCLAIM; SIGTERM stops reading,
 finishes and answers what was read, then deregisters.
 """
 
@@ -19,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -46,6 +51,12 @@ HEARTBEAT_INTERVAL_S = 1.0
 HEARTBEAT_TTL_MS = 5_000
 POLL_MS = 250
 FILL_POLL_S = 0.001
+FRESH_MS = 5
+"""A batch whose jobs were all queued less than this long ago computes while its cancel keys are
+read, instead of after: at low concurrency that round trip would sit in front of every request, and
+a client that goes away within milliseconds of sending is rare. What the read finds still applies:
+the job leaves the batch before its graph call or next sampler step if the answer comes in time, and
+gets no reply otherwise. Older jobs, the ones a full queue holds, are screened before they compute."""
 CANCEL_POLL_S = 0.01
 """How often a running batch's cancel keys are read. Reading them continuously, not once per step,
 lets the next step see a cancellation however long the steps are: read after each step instead, a
@@ -68,7 +79,7 @@ def _parse(task: str, job: Job, runtime: Runtime) -> np.ndarray | tuple[int, int
         shape, dtype = (3, cfg.image_size, cfg.image_size), np.uint8
     else:
         shape, dtype = cfg.latent_shape, np.dtype("<f4")
-    expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    expected = math.prod(shape) * np.dtype(dtype).itemsize
     if len(data) != expected:
         raise JobInputError(f"{task} job holds {len(data)} bytes, the model needs {expected} ({shape})")
     return np.frombuffer(data, dtype=dtype).reshape(shape)
@@ -158,7 +169,9 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.keys = Keys.for_model(runtime.config.name, runtime.config.version)
         self._stopping = threading.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pae-compute")
+        self._held: dict[str, set[bytes]] = {task: set() for task in self.tasks}
+        self.batch_threads = settings.batch_threads
+        self._executor = ThreadPoolExecutor(max_workers=self.batch_threads, thread_name_prefix="pae-compute")
         self.started = threading.Event()
         info = runtime.info()
         metrics.MODEL_INFO.labels(
@@ -214,6 +227,7 @@ class Worker:
             "pid": os.getpid(),
             "tasks": list(self.tasks),
             "max_batch_size": {t: self.settings.max_batch_size[t] for t in self.tasks},
+            "compute_threads": self.batch_threads,
             **self.runtime.info(),
         }
 
@@ -234,12 +248,13 @@ class Worker:
         next_claim = 0.0
         backoff = 0.1
         last_batch = 0
+        in_flight: set[asyncio.Task[None]] = set()
         while not self._stopping.is_set():
             try:
                 jobs: list[Job] = []
                 if time.monotonic() >= next_claim:
                     next_claim = time.monotonic() + claim_every
-                    claimed, dead = await self.broker.reclaim(task, max_batch)
+                    claimed, dead = await self.broker.reclaim(task, max_batch, self._held[task])
                     metrics.RECLAIMED.labels(task).inc(len(claimed))
                     metrics.DEAD_LETTERED.labels(task).inc(len(dead))
                     jobs.extend(claimed)
@@ -251,7 +266,9 @@ class Worker:
                     if len(jobs) > 1 or last_batch > 1:
                         await self._fill(task, jobs, max_batch)
                     last_batch = len(jobs)
-                    await self._process(task, jobs)
+                    in_flight.add(asyncio.create_task(self._hold(task, jobs)))
+                    # One batch per compute thread in hand, and the next read meanwhile.
+                    in_flight = await self._settle(task, in_flight, self.batch_threads)
                 else:
                     metrics.QUEUE_DEPTH.labels(task).set(await self.broker.depth(task))
                 backoff = 0.1
@@ -266,6 +283,36 @@ class Worker:
                 log.exception("worker %s, %s loop: unexpected error; continuing", self.worker_id, task)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
+        await self._settle(task, in_flight, 0)
+
+    async def _hold(self, task: str, jobs: list[Job]) -> None:
+        """Process a batch, its entries marked as this worker's own meanwhile: with a batch waiting
+        for the compute thread behind another, a job can sit pending longer than CLAIM_IDLE_MS,
+        and the loop's own reclaim must not run it a second time."""
+        ids = {job.entry_id for job in jobs}
+        self._held[task] |= ids
+        try:
+            await self._process(task, jobs)
+        finally:
+            self._held[task] -= ids
+
+    async def _settle(
+        self, task: str, batches: set[asyncio.Task[None]], keep: int
+    ) -> set[asyncio.Task[None]]:
+        """Wait until at most `keep` of the batches handed on are unfinished; return those.
+
+        A batch that failed left its jobs pending (they are reclaimed, and dead-lettered if they keep
+        failing), so its error is logged here and the loop goes on.
+        """
+        while len(batches) > keep:
+            done, batches = await asyncio.wait(batches, return_when=asyncio.FIRST_COMPLETED)
+            for batch in done:
+                exc = batch.exception()
+                if isinstance(exc, RedisError | OSError):
+                    log.warning("worker %s, %s batch: Redis error %s", self.worker_id, task, exc)
+                elif exc is not None:
+                    log.error("worker %s, %s batch failed", self.worker_id, task, exc_info=exc)
+        return batches
 
     async def _fill(self, task: str, jobs: list[Job], max_batch: int) -> None:
         """Wait up to MAX_WAIT_MS after the first job for more, so batches form under load.
@@ -286,9 +333,16 @@ class Worker:
         now = now_ms()
         expired = [j for j in jobs if j.deadline_ms <= now]
         live = [j for j in jobs if j.deadline_ms > now]
-        gone, depth, cost = await self.broker.screen(task, live)
-        metrics.QUEUE_DEPTH.labels(task).set(depth)
-        metrics.QUEUE_COST.labels(task).set(cost)
+        screening = asyncio.create_task(self._screen(task, live))
+        if live and all(now - job.enqueued_ms < FRESH_MS for job in live):
+            # Fresh jobs compute while their cancel keys are read: `_run_group` applies the answer.
+            if expired:
+                await self.broker.drop(task, expired)
+                metrics.EXPIRED.labels(task).inc(len(expired))
+            for group in group_jobs(task, live):
+                await self._run_group(task, group, screening)
+            return
+        gone = await screening
         cancelled = [j for j in live if j.request_id in gone]
         live = [j for j in live if j.request_id not in gone]
         if expired or cancelled:
@@ -298,22 +352,53 @@ class Worker:
         for group in group_jobs(task, live):
             await self._run_group(task, group)
 
-    async def _run_group(self, task: str, jobs: list[Job]) -> None:
+    async def _screen(self, task: str, jobs: list[Job]) -> dict[str, int]:
+        """The cancelled requests among `jobs`, with the queue gauges, in one round trip."""
+        gone, depth, cost = await self.broker.screen(task, jobs)
+        metrics.QUEUE_DEPTH.labels(task).set(depth)
+        metrics.QUEUE_COST.labels(task).set(cost)
+        return gone
+
+    async def _run_group(
+        self, task: str, jobs: list[Job], screening: asyncio.Task[dict[str, int]] | None = None
+    ) -> None:
+        """Compute one batch and answer it. With `screening` (its cancel keys, still being read)
+        a cancellation it finds reaches the batch as soon as it is known: before the graph call or
+        the next sampler step if still in time, else the finished job just gets no reply."""
         start = now_ms()
         for job in jobs:
             metrics.QUEUE_WAIT.labels(task).observe(max(start - job.enqueued_ms, 0) / 1000)
         watch = BatchWatch(jobs)
+        if screening is not None:
+            screening.add_done_callback(
+                lambda done: (
+                    watch.cancel(done.result()) if not done.cancelled() and not done.exception() else None
+                )
+            )
         done = asyncio.Event()
-        watcher = asyncio.create_task(self._watch_cancellations(watch, done))
+        # Only generation looks again once its batch runs (before each sampler step); encode and
+        # decode look once, before their graph call, with what the pre-batch screen read and their
+        # deadlines, so polling cancel keys during their compute would be round trips nobody reads.
+        watcher = asyncio.create_task(self._watch_cancellations(watch, done)) if task == "generate" else None
         try:
             replies = await self._compute_isolating(task, jobs, watch)
         finally:
             # Not watcher.cancel(): redis-py can swallow a cancellation that lands inside a command.
             done.set()
-            await asyncio.gather(watcher, return_exceptions=True)
+            if watcher is not None:
+                await asyncio.gather(watcher, return_exceptions=True)
         for drop in watch.dropped.values():
             (metrics.EXPIRED if drop.reason == "expired" else metrics.CANCELLED).labels(task).inc()
             metrics.ABANDONED_COMPUTE.labels(task).observe(drop.lag_s)
+        if screening is not None:
+            try:
+                gone = await screening
+            except (RedisError, OSError):
+                gone = {}  # the computed answers still go out (`_answer` rides out an outage)
+            for i, job in enumerate(jobs):
+                if replies[i] is not None and job.request_id in gone:
+                    replies[i] = None  # computed before its cancellation was read: nobody waits
+                    metrics.CANCELLED.labels(task).inc()
         for job, reply in zip(jobs, replies, strict=True):
             if reply is not None:
                 reply.queue_ms = float(max(start - job.enqueued_ms, 0))

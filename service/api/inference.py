@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from export.repository import ModelConfig
 from model.sampling import SamplerConfig
-from service import codecs, cost
+from service import codecs, cost, timing
 from service.api import bodies
 from service.api.auth import require_key
 from service.api.jobs import Deadline, admission, check_cost, run_jobs, timing_headers
@@ -79,6 +79,7 @@ async def encode(request: Request, state: State, due: Deadline) -> Response:
     )
     images = await state.images.finish(headers_only, state.config.image_size, due)
     payloads = [{"data": img.tobytes(), "cost": cost.ENCODE_JOB} for img in images]
+    timing.mark("parse")
     replies = await run_jobs(request, state.jobs(), "encode", payloads, due)
     latents = np.stack([np.frombuffer(r.data, dtype="<f4").reshape(r.shape) for r in replies])
     headers = timing_headers(replies)
@@ -111,6 +112,7 @@ async def decode(request: Request, state: State, due: Deadline) -> Response:
     answer = answer_format(request, len(latents))
     check_cost(state, "decode", len(latents) * cost.DECODE_JOB, f"{len(latents)} latent(s)")
     payloads = [{"data": z.tobytes(), "cost": cost.DECODE_JOB} for z in latents]
+    timing.mark("parse")
     replies = await run_jobs(request, state.jobs(), "decode", payloads, due)
     images = [ImageOut(png=p) for p in await pngs(replies, state.config.image_size)]
     return png_response(answer, state, images, replies)
@@ -149,6 +151,7 @@ async def generate(request: Request, state: State, due: Deadline) -> Response:
     first = body.seed if body.seed is not None else secrets.randbelow(2**31)
     seeds = [first + i for i in range(body.num_images)]
     payloads = [{"label": str(label), "seed": str(s), "sampler": key, "cost": per_image} for s in seeds]
+    timing.mark("parse")
     replies = await run_jobs(request, state.jobs(), "generate", payloads, due)
     images = [
         ImageOut(png=p, seed=s, class_label=label, class_name=config.class_names[label])

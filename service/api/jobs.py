@@ -15,8 +15,8 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
 
-from service import metrics
-from service.api.state import AppState, State
+from service import metrics, timing
+from service.api.state import AppState, State, on_loop
 from service.broker import BrokerClient, Reply, now_ms
 from service.errors import BadInput, ClientGone, QueueFull
 
@@ -39,7 +39,7 @@ def request_deadline(
     return now_ms() + int(timeout * 1000)
 
 
-Deadline = Annotated[int, Depends(request_deadline)]
+Deadline = Annotated[int, Depends(on_loop(request_deadline))]
 """Handler parameter type: `due: Deadline` receives the request's deadline (epoch ms)."""
 
 
@@ -118,8 +118,9 @@ async def run_jobs(
 
 
 def timing_headers(replies: Sequence[Reply]) -> dict[str, str]:
-    """X-Queue-Ms / X-Compute-Ms: the slowest job's queue wait and compute time."""
-    return {
-        "X-Queue-Ms": f"{max(r.queue_ms for r in replies):.1f}",
-        "X-Compute-Ms": f"{max(r.compute_ms for r in replies):.1f}",
-    }
+    """X-Queue-Ms / X-Compute-Ms: the slowest job's queue wait and compute time (also stages of the
+    request's Server-Timing)."""
+    queue, compute = max(r.queue_ms for r in replies), max(r.compute_ms for r in replies)
+    timing.note("queue", queue)
+    timing.note("compute", compute)
+    return {"X-Queue-Ms": f"{queue:.1f}", "X-Compute-Ms": f"{compute:.1f}"}

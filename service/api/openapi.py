@@ -29,6 +29,10 @@ RETRY_AFTER = {"Retry-After": _header("seconds to wait before retrying", "intege
 TIMING_HEADERS = {
     "X-Queue-Ms": _header("the slowest job's wait in the queue, ms", "number"),
     "X-Compute-Ms": _header("the slowest job's batch compute time, ms", "number"),
+    "Server-Timing": _header(
+        "the request's time by stage, ms (parse, enqueue, queue, compute, transit, wait, encode, app)",
+        "string",
+    ),
 }
 SEED_HEADER = {"X-Seed": _header("the seed of the image (generate answered as image/png)", "integer")}
 

@@ -11,7 +11,7 @@ import pytest
 from redis.asyncio import Redis
 
 from model.sampling import SamplerConfig
-from service.broker import GROUP, BrokerClient, Job, Keys, now_ms
+from service.broker import GROUP, ROOM_MEMORY_S, BrokerClient, Job, Keys, now_ms
 from service.broker_worker import BrokerWorker
 from service.codecs import to_uint8
 from service.errors import DeadlineExceeded, JobFailed, QueueFull
@@ -157,6 +157,33 @@ def test_a_full_queue_is_refused_before_a_body_is_read(
                 await h.client.admit("decode")  # no room for even the cheapest job
             with pytest.raises(DeadlineExceeded):
                 await held
+
+    asyncio.run(scenario())
+
+
+def test_a_queue_seen_with_room_admits_without_a_round_trip(
+    clean_redis: str, tiny_repository: Path, runtime: OnnxRuntime
+) -> None:
+    """Every enqueue reports the queue it left; while that is fresh and at most half full the early
+    check asks Redis nothing, and once it is stale (or the queue was fuller) it asks again."""
+
+    async def scenario() -> None:
+        async with Harness(clean_redis, tiny_repository, runtime, queue_max_len=4) as h:
+            asked = []
+            real = h.client.redis.pipeline
+            h.client.redis.pipeline = lambda *a, **k: asked.append(1) or real(*a, **k)  # type: ignore[method-assign]
+            await h.start_worker()
+            await h.client.submit("decode", [latent_payload(0)], now_ms() + 10_000)  # left 1 of 4
+            await h.client.admit("decode")
+            assert asked == []
+            await asyncio.sleep(ROOM_MEMORY_S * 2)
+            await h.client.admit("decode")
+            assert asked == [1]
+            h.client._room.clear()
+            held = asyncio.create_task(h.client.submit("decode", [latent_payload(1)] * 3, now_ms() + 10_000))
+            await held  # left 3 of 4 (more than half): the next check asks again
+            await h.client.admit("decode")
+            assert len(asked) == 2
 
     asyncio.run(scenario())
 

@@ -373,7 +373,7 @@ def test_the_contract_is_the_behaviour(http: httpx.Client) -> None:
         for method, operation in operations.items():
             assert "500" in operation["responses"], (method, path)
     generate = schema["paths"]["/v1/generate"]["post"]["responses"]
-    assert set(generate["200"]["headers"]) == {"X-Queue-Ms", "X-Compute-Ms", "X-Seed"}
+    assert set(generate["200"]["headers"]) == {"X-Queue-Ms", "X-Compute-Ms", "Server-Timing", "X-Seed"}
     assert "Retry-After" in generate["429"]["headers"] and "408" in generate
     assert set(schema["paths"]["/v2/models/{name}/ready"]["get"]["responses"]) >= {"200", "404", "503"}
     assert "401" in schema["paths"]["/v1/models"]["get"]["responses"]

@@ -78,3 +78,37 @@ def test_every_variable_is_read() -> None:
 def test_bad_values_name_the_variable(env: dict[str, str], named: str) -> None:
     with pytest.raises(SettingsError, match=named):
         Settings.from_env(env)
+
+
+def test_compute_threads_fill_the_cores_with_single_threaded_sessions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from service import settings as module
+
+    monkeypatch.setattr(module, "usable_cores", lambda: 4)
+    assert Settings.from_env({}).batch_threads == 1  # ONNX Runtime's own pool spans the cores
+    assert Settings.from_env({"ORT_INTRA_OP_THREADS": "1"}).batch_threads == 4
+    assert Settings.from_env({"ORT_INTRA_OP_THREADS": "2"}).batch_threads == 2
+    assert Settings.from_env({"ORT_INTRA_OP_THREADS": "1", "ORT_PROVIDER": "cuda"}).batch_threads == 1
+    assert Settings.from_env({"ORT_INTRA_OP_THREADS": "1", "RUNTIME": "torch"}).batch_threads == 1
+    assert Settings.from_env({"COMPUTE_THREADS": "3"}).batch_threads == 3
+    with pytest.raises(SettingsError, match="COMPUTE_THREADS"):
+        Settings.from_env({"COMPUTE_THREADS": "2", "RUNTIME": "tensorrt"})
+
+
+def test_usable_cores_follow_a_cgroup_quota(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from service import settings as module
+
+    assert module.usable_cores() >= 1
+    quota = tmp_path / "cpu.max"
+    real_path = module.Path
+
+    def fake(path: str) -> Path:
+        return quota if path == "/sys/fs/cgroup/cpu.max" else real_path(path)
+
+    monkeypatch.setattr(module, "Path", fake)
+    monkeypatch.setattr(module.os, "sched_getaffinity", lambda _pid: set(range(64)))
+    quota.write_text("150000 100000\n")
+    assert module.usable_cores() == 2
+    quota.write_text("max 100000\n")
+    assert module.usable_cores() == 64

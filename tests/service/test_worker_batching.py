@@ -9,18 +9,21 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from service.broker import now_ms
+from service.broker import GROUP, now_ms
 from service.codecs import to_uint8
 from service.redis_server import RedisServer
 from service.runtimes.onnxruntime import OnnxRuntime
 from tests.service.conftest import sample
-from tests.service.test_broker import Harness, latent_payload
+from tests.service.test_broker import KEYS, Harness, latent_payload
+
+WAITS = {"encode": 2, "decode": 2, "generate": 20}
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +146,136 @@ def test_replies_computed_during_a_redis_outage_are_delivered(
         store.stop()
     z = np.frombuffer(payload["data"], "<f4").reshape(1, 4, 4, 4)
     assert data == to_uint8(runtime.decode(z))[0].tobytes()
+
+
+class GatedRuntime:
+    """The tiny runtime with its decode calls numbered `held` held at a gate until a test opens it."""
+
+    def __init__(self, runtime: OnnxRuntime, held: set[int]) -> None:
+        self.runtime, self.config, self.held = runtime, runtime.config, held
+        self.gate, self.waiting = threading.Event(), threading.Event()
+        self.batches: list[int] = []
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        self.batches.append(len(latents))
+        if len(self.batches) in self.held:
+            self.waiting.set()
+            assert self.gate.wait(20), "the test never opened the gate"
+        return self.runtime.decode(latents)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.runtime, name)
+
+
+async def delivered(h: Harness, count: int) -> int:
+    """Wait (up to 5 s) until `count` decode jobs are delivered to a worker and not yet acknowledged."""
+    for _ in range(500):
+        pending = (await h.redis.xpending(KEYS.jobs("decode"), GROUP))["pending"]
+        if pending == count:
+            break
+        await asyncio.sleep(0.01)
+    return pending
+
+
+async def until(event: threading.Event) -> None:
+    while not event.is_set():
+        await asyncio.sleep(0.01)
+
+
+def test_the_next_batch_is_read_while_one_computes(
+    clean_redis: str, tiny_repository: Path, runtime: OnnxRuntime
+) -> None:
+    """While a batch computes, the worker already reads, screens and queues the next one, so no Redis
+    round trip or fill wait leaves the compute thread idle between batches."""
+    gated = GatedRuntime(runtime, held={1})
+
+    async def scenario() -> None:
+        async with Harness(clean_redis, tiny_repository, gated, compute_threads=1) as h:  # type: ignore[arg-type]
+            await h.start_worker()
+            deadline = now_ms() + 20_000
+            first = asyncio.create_task(h.client.submit("decode", [latent_payload(1)], deadline))
+            await until(gated.waiting)
+            second = asyncio.create_task(h.client.submit("decode", [latent_payload(2)] * 3, deadline))
+            assert await delivered(h, 4) == 4 and not first.done()
+            gated.gate.set()
+            replies = await asyncio.wait_for(asyncio.gather(first, second), 15)
+            assert [len(r) for r in replies] == [1, 3]
+
+    asyncio.run(scenario())
+    assert gated.batches == [1, 3]
+
+
+def test_a_held_batch_is_not_claimed_back_and_run_twice(
+    clean_redis: str, tiny_repository: Path, runtime: OnnxRuntime
+) -> None:
+    """A job can sit pending in this worker's hands past CLAIM_IDLE_MS (its batch queued behind
+    another, or computing long); the worker's own reclaim must leave it to the batch it is in."""
+    gated = GatedRuntime(runtime, held={2})
+
+    async def scenario() -> None:
+        async with Harness(  # type: ignore[arg-type]
+            clean_redis, tiny_repository, gated, claim_idle_ms=200, compute_threads=1
+        ) as h:
+            await h.start_worker()
+            deadline = now_ms() + 20_000
+            await h.client.submit("decode", [latent_payload(1)], deadline)
+            held = asyncio.create_task(h.client.submit("decode", [latent_payload(2)] * 2, deadline))
+            await until(gated.waiting)
+            await asyncio.sleep(1.0)  # several reclaim rounds of the worker's loop, each past CLAIM_IDLE_MS
+            gated.gate.set()
+            assert len(await asyncio.wait_for(held, 15)) == 2
+            await h.drained("decode")
+
+    asyncio.run(scenario())
+    assert gated.batches == [1, 2]
+
+
+def test_two_compute_threads_run_two_batches_at_once(
+    clean_redis: str, tiny_repository: Path, runtime: OnnxRuntime
+) -> None:
+    """COMPUTE_THREADS=2: a second batch computes and answers while the first is still computing."""
+    gated = GatedRuntime(runtime, held={1})
+
+    async def scenario() -> None:
+        async with Harness(clean_redis, tiny_repository, gated, compute_threads=2) as h:  # type: ignore[arg-type]
+            await h.start_worker()
+            deadline = now_ms() + 20_000
+            first = asyncio.create_task(h.client.submit("decode", [latent_payload(1)], deadline))
+            await until(gated.waiting)
+            second = await asyncio.wait_for(h.client.submit("decode", [latent_payload(2)] * 2, deadline), 10)
+            assert len(second) == 2 and not first.done()
+            gated.gate.set()
+            assert len(await asyncio.wait_for(first, 10)) == 1
+
+    asyncio.run(scenario())
+    assert gated.batches == [1, 2]
+
+
+def test_a_fresh_batch_computes_while_its_cancel_keys_are_read(
+    clean_redis: str, tiny_repository: Path, runtime: OnnxRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Jobs queued moments ago are not held back by the cancel-key round trip; what it finds still
+    holds: the cancelled request gets no answer, its job is acknowledged and counted cancelled, and
+    the others of the batch are answered."""
+    from service import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "FRESH_MS", 60_000)  # every batch counts as fresh
+    cancelled = sample("pae_jobs_cancelled_total", {"task": "decode"})
+
+    async def scenario() -> None:
+        async with Harness(clean_redis, tiny_repository, runtime, max_wait_ms={**WAITS, "decode": 200}) as h:
+            deadline = now_ms() + 20_000
+            gone = asyncio.create_task(h.client.submit("decode", [latent_payload(1)], deadline))
+            kept = asyncio.create_task(h.client.submit("decode", [latent_payload(2)], deadline))
+            await h.queued("decode", 2)
+            gone.cancel()  # what the API does when the client disconnects: it sets the cancel key
+            with pytest.raises(asyncio.CancelledError):
+                await gone
+            await h.start_worker()
+            assert len(await asyncio.wait_for(kept, 15)) == 1
+            await h.drained("decode")
+            replies = await h.redis.xrange(h.client.reply_key)
+            assert len(replies) == 1  # the cancelled job's answer was never written
+
+    asyncio.run(scenario())
+    assert sample("pae_jobs_cancelled_total", {"task": "decode"}) - cancelled == 1
