@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import redis
 
 from benchmarks.traffic import TASKS, Sample
-from service.broker import GROUP, Keys
+from service.broker_protocol import GROUP, Keys
 
 # The per-request deadline the campaign configures, and the slack past it before a request counts as
 # having waited past its deadline.

@@ -55,7 +55,7 @@ from benchmarks.machine import RESULTS, mark_quotable
 from benchmarks.topology import Topology, machine_info, metric_sum, resolve_model
 from benchmarks.traffic import TASKS, Call, ModelShape, Requests, Sample, closed_loop, drive
 from export.repository import resolve_version_dir
-from service.broker import Keys
+from service.broker_protocol import Keys
 from service.launcher import stop_process
 
 IN_DOUBT_S = 1.0

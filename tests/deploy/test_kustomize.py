@@ -18,7 +18,7 @@ import kubernetes_validate
 import pytest
 from kubernetes_validate.utils import SchemaNotFoundError, latest_version
 
-from service.broker import GROUP, Keys
+from service.broker_protocol import GROUP, Keys
 from service.settings import Settings
 from tests.deploy.crd_schemas import CRD_SCHEMAS
 from tests.deploy.helpers import K8S, TASKS, by_kind, contract_settings, kustomize, tool

@@ -21,7 +21,7 @@ import redis
 from PIL import Image
 
 from model.sampling import SamplerConfig
-from service.broker import GROUP, Keys
+from service.broker_protocol import GROUP, Keys
 from service.codecs import decode_image, to_uint8
 from service.launcher import Proc, free_port, start_api, start_worker, stop_process, stop_processes
 from service.runtimes.onnxruntime import OnnxRuntime

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.broker import now_ms
+from service.broker_protocol import now_ms
 from service.codecs import to_uint8
 from service.redis_server import RedisServer
 from service.runtimes.onnxruntime import OnnxRuntime
