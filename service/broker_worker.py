@@ -119,7 +119,9 @@ class BrokerWorker:
         rids = sorted({job.request_id for job in jobs})
         pipe = self.redis.pipeline(transaction=False)
         if rids:
-            pipe.mget([self.keys.cancel(r) for r in rids])
+            # MGET by name: redis-py's cluster pipeline refuses its mget() helper, though keys of one
+            # hash tag make it a single-node command.
+            pipe.execute_command("MGET", *(self.keys.cancel(r) for r in rids))
         pipe.xlen(self.keys.jobs(task))
         pipe.get(self.keys.cost(task))
         out = await pipe.execute()
