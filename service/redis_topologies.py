@@ -107,6 +107,11 @@ class SentinelGroup:
         self._common = common
 
     @property
+    def servers(self) -> list[RedisServer]:
+        """Every process of the group: primary, replicas, sentinels."""
+        return [self.primary, *self.replicas, *self.sentinels]
+
+    @property
     def addresses(self) -> str:
         """The sentinels as REDIS_SENTINELS wants them: `host:port,host:port,...`."""
         return ",".join(f"{LOOPBACK}:{s.port}" for s in self.sentinels)
@@ -182,7 +187,7 @@ class SentinelGroup:
         return self.primary_port() or 0
 
     def stop(self) -> None:
-        for server in [*self.sentinels, *self.replicas, self.primary]:
+        for server in reversed(self.servers):
             server.stop()
 
     def __enter__(self) -> SentinelGroup:
