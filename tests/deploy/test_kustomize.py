@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
 from functools import cache
 from pathlib import Path
 
@@ -29,6 +30,7 @@ VARIANTS = {
     "gpu": ("overlays/gpu", []),
     "gpu+tensorrt": ("overlays/gpu", ["components/tensorrt"]),
     "cpu+external-redis": ("overlays/cpu", ["components/external-redis"]),
+    "cpu+redis-sentinel": ("overlays/cpu", ["components/redis-sentinel"]),
     "cpu+models-volume": ("overlays/cpu", ["components/models-volume"]),
 }
 # Environment variables the manifests set that are not service settings, and who reads them.
@@ -36,8 +38,8 @@ INFRA_ENV = {
     "PORT": "entrypoint (pae-serve --port)",
     "PROMETHEUS_MULTIPROC_DIR": "prometheus-client in the API",
     "REDIS_ADDRESS": "KEDA redis-streams scaler (addressFromEnv)",
-    "REDIS_PASSWORD": "KEDA scaler (passwordFromEnv) and redis-server --requirepass",
-    "REDISCLI_AUTH": "redis-cli in the Redis probes",
+    "REDIS_PASSWORD": "KEDA scaler (passwordFromEnv), redis-server --requirepass, the service with sentinels",
+    "REDISCLI_AUTH": "redis-cli in the Redis probes and start scripts",
 }
 
 
@@ -234,7 +236,7 @@ def test_service_monitors_find_the_metrics_ports(render):
     assert {"pae-api", "pae-worker"} <= set(by_kind(docs, "ServiceMonitor"))
 
 
-@pytest.mark.parametrize("variant", ["cpu", "gpu", "gpu+tensorrt", "cpu+models-volume"])
+@pytest.mark.parametrize("variant", ["cpu", "gpu", "gpu+tensorrt", "cpu+models-volume", "cpu+redis-sentinel"])
 def test_references_resolve_and_settings_are_valid(render, variant):
     docs = render(variant)
     config_maps = {n: d.get("data", {}) for n, d in by_kind(docs, "ConfigMap").items()}
@@ -257,25 +259,36 @@ def test_references_resolve_and_settings_are_valid(render, variant):
                 assert volume["configMap"]["name"] in config_maps, name
     for workload in ("pae-api", "pae-worker"):
         env = dict(settings)
-        env.update({k: v["value"] for k, v in _env(_container(docs, workload)).items() if "value" in v})
-        env.update(REDIS_URL=secrets["pae-redis"]["REDIS_URL"], API_KEY=secrets["pae-api-key"]["API_KEY"])
+        for name, entry in _env(_container(docs, workload)).items():
+            ref = entry.get("valueFrom", {}).get("secretKeyRef")
+            env[name] = secrets[ref["name"]][ref["key"]] if ref else entry.get("value", "")
         parsed = Settings.from_env({k: v for k, v in env.items() if k in contract_settings()})
         assert str(parsed.model_repository) == "/models"
+        assert parsed.redis_configured and (parsed.api_key is not None or workload == "pae-worker")
 
 
-def test_scaled_object_watches_the_streams_the_service_writes(render):
-    docs = render("cpu")
+@pytest.mark.parametrize(
+    ("variant", "scaler", "address"),
+    [
+        ("cpu", "redis-streams", "addressFromEnv"),
+        ("cpu+redis-sentinel", "redis-sentinel-streams", "addressesFromEnv"),
+    ],
+)
+def test_scaled_object_watches_the_streams_the_service_writes(render, variant, scaler, address):
+    docs = render(variant)
     settings = by_kind(docs, "ConfigMap")["pae-config"]["data"]
     keys = Keys.for_model(settings["MODEL_NAME"], settings["MODEL_VERSION"])
     spec = by_kind(docs, "ScaledObject")["pae-worker"]["spec"]
     assert spec["minReplicaCount"] >= 1, "API readiness needs a live worker: never scale workers to zero"
-    worker_env = _env(_container(docs, "pae-worker"))
+    # KEDA resolves *FromEnv names from the container's env and envFrom ConfigMaps.
+    worker_env = set(_env(_container(docs, "pae-worker"))) | set(settings)
     streams = {}
     for trigger in spec["triggers"]:
         meta = trigger["metadata"]
-        assert trigger["type"] == "redis-streams"
+        assert trigger["type"] == scaler
         assert meta["consumerGroup"] == GROUP
-        assert meta["addressFromEnv"] in worker_env and meta["passwordFromEnv"] in worker_env
+        from_env = [v for k, v in meta.items() if k.endswith("FromEnv")]
+        assert meta[address] in worker_env and set(from_env) <= worker_env, from_env
         streams[meta["stream"]] = int(meta["lagCount"])
     assert set(streams) == {keys.jobs(task) for task in TASKS}
     for task in TASKS:
@@ -354,3 +367,66 @@ def test_models_volume_component_mounts_models_read_only(render):
         assert mount["readOnly"] is True
         volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
         assert volume["persistentVolumeClaim"]["claimName"] == "pae-models"
+
+
+def test_redis_sentinel_component_replicates_across_nodes(render):
+    docs = render("cpu+redis-sentinel")
+    templates = _pod_templates(docs)
+    sets = by_kind(docs, "StatefulSet")
+    assert sets["pae-redis"]["spec"]["replicas"] == 2  # a primary and one replica
+    assert sets["pae-redis-sentinel"]["spec"]["replicas"] == 3
+    for name in ("pae-redis", "pae-redis-sentinel"):
+        labels = templates[name]["metadata"]["labels"]
+        [rule] = templates[name]["spec"]["affinity"]["podAntiAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"
+        ]
+        assert rule["topologyKey"] == "kubernetes.io/hostname" and _selects(rule["labelSelector"], labels), (
+            name
+        )
+        budgets = [
+            b
+            for b in by_kind(docs, "PodDisruptionBudget").values()
+            if _selects(b["spec"]["selector"], labels)
+        ]
+        assert len(budgets) == 1, name
+    budgets = by_kind(docs, "PodDisruptionBudget")
+    assert budgets["pae-redis"]["spec"]["maxUnavailable"] == 1
+    assert budgets["pae-redis-sentinel"]["spec"]["minAvailable"] == 2  # a quorum and a majority stay
+
+    settings = by_kind(docs, "ConfigMap")["pae-config"]["data"]
+    parsed = Settings.from_env({**settings, "REDIS_PASSWORD": "x", "API_KEY": "k" * 32})
+    sentinel_set = sets["pae-redis-sentinel"]
+    headless = sentinel_set["spec"]["serviceName"]
+    port = _container(docs, "pae-redis-sentinel")["ports"][0]["containerPort"]
+    assert parsed.redis_sentinels == tuple((f"pae-redis-sentinel-{i}.{headless}", port) for i in range(3))
+    assert by_kind(docs, "Service")[headless]["spec"]["clusterIP"] == "None"
+    scripts = by_kind(docs, "ConfigMap")["pae-redis-scripts"]["data"]
+    assert f"sentinel monitor {parsed.redis_sentinel_master} $primary 6379 2" in scripts["sentinel.sh"]
+    for workload in ("pae-api", "pae-worker"):
+        env = _env(_container(docs, workload))
+        assert "REDIS_URL" not in env and "REDIS_SENTINEL_PASSWORD" in env, workload
+    # Nothing may reach a random Redis pod through a ClusterIP: clients go through the sentinels.
+    assert "pae-redis" not in by_kind(docs, "Service")
+
+    def admitted(policy: str, component: str) -> bool:
+        spec = by_kind(docs, "NetworkPolicy")[policy]["spec"]
+        labels = {"app.kubernetes.io/name": "pae", "app.kubernetes.io/component": component}
+        peers = [
+            peer["podSelector"]
+            for rule in spec["ingress"]
+            for peer in rule["from"]
+            if "namespaceSelector" not in peer
+        ]
+        return any(_selects(selector, labels) for selector in peers)
+
+    for component in ("api", "worker", "redis", "redis-sentinel"):
+        assert admitted("pae-redis", component) and admitted("pae-redis-sentinel", component), component
+    assert not admitted("pae-redis", "debug") and not admitted("pae-redis-sentinel", "debug")
+
+
+def test_redis_sentinel_scripts_are_valid_shell(render, tmp_path):
+    scripts = by_kind(render("cpu+redis-sentinel"), "ConfigMap")["pae-redis-scripts"]["data"]
+    for name, text in scripts.items():
+        (tmp_path / name).write_text(text)
+        checked = subprocess.run(["sh", "-n", str(tmp_path / name)], capture_output=True, text=True)
+        assert checked.returncode == 0, f"{name}: {checked.stderr}"
