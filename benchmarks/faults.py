@@ -335,8 +335,7 @@ def run_campaign(
             }
             results.update({name: run[name]() for name in single})
     for name in (name for name in phases if name in FAILOVERS):
-        env = dict(FAULT_ENV)
-        with Topology(repository, model, api_replicas=2, workers=2, env=env, sentinels=True) as topo:
+        with Topology(repository, model, 2, 2, env=dict(FAULT_ENV), sentinels=True) as topo:
             campaign = Campaign(topo, requests, keys, concurrency, log)
             results[name] = campaign.primary_killed(behind_s=FAILOVERS[name])
     recovered = [p["recovered"] for p in results.values() if "recovered" in p]
