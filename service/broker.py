@@ -259,13 +259,20 @@ class BrokerClient:
             timeout = (deadline_ms - now_ms()) / 1000
             # asyncio.wait, not wait_for(gather(...)): a gather cancelled with its caller keeps a
             # CancelledError nobody retrieves, which asyncio logs as an error with a traceback.
+            # FIRST_EXCEPTION: a job that failed (lost and not enqueued again) ends the request at
+            # once; its other jobs are cancelled rather than waited for.
             try:
-                _done, pending = await asyncio.wait(futures, timeout=max(timeout, 0.001))
+                _done, pending = await asyncio.wait(
+                    futures, timeout=max(timeout, 0.001), return_when=asyncio.FIRST_EXCEPTION
+                )
             except asyncio.CancelledError:
                 await asyncio.shield(self._cancel(request_id, deadline_ms))
                 raise
-            if pending:
+            failed = next((f.exception() for f in futures if f.done() and f.exception()), None)
+            if failed is not None or pending:
                 await self._cancel(request_id, deadline_ms)
+                if failed is not None:
+                    raise failed
                 raise DeadlineExceeded(
                     f"the {task} request did not finish within its deadline; its jobs were cancelled"
                 )

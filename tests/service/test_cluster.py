@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 
@@ -46,6 +47,7 @@ def test_200_mixed_requests_on_a_three_primary_cluster(cluster: LocalCluster, ti
     worker.start()
     try:
         with LiveServer(settings) as server:
+            assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
             mixed.check(asyncio.run(mixed.send([server.url])))
             for port in cluster.ports:
                 node = redis.Redis(port=port)

@@ -44,9 +44,10 @@ def decoded(runtime: OnnxRuntime, seed: int) -> bytes:
     return to_uint8(runtime.decode(z))[0].tobytes()
 
 
-async def vanish(redis: Redis) -> bytes:
-    """Delete the one queued decode job, as a failover that lost its XADD would; its old entry id."""
-    [(entry_id, _fields)] = await redis.xrange(JOBS)
+async def vanish(redis: Redis, job: bytes = b"") -> bytes:
+    """Delete the queued decode job (the one whose id ends with `job`), as a failover that lost its
+    XADD would; its old entry id."""
+    [entry_id] = [eid for eid, fields in await redis.xrange(JOBS) if fields[b"id"].endswith(job)]
     await redis.xdel(JOBS, entry_id)
     return entry_id
 
@@ -109,15 +110,17 @@ def test_a_job_lost_again_and_again_fails_with_a_503_long_before_its_deadline(
     async def scenario() -> None:
         async with Harness(clean_redis, tiny_repository, runtime, client=FAST) as h:
             started = time.monotonic()
-            waiting = asyncio.create_task(h.client.submit("decode", [latent_payload(5)], now_ms() + 60_000))
+            payloads = [latent_payload(5), latent_payload(6)]  # the second job stays queued: no worker
+            waiting = asyncio.create_task(h.client.submit("decode", payloads, now_ms() + 60_000))
             for _ in range(MAX_REQUEUES + 1):
-                await h.queued("decode", 1)
-                await vanish(h.redis)
+                await h.queued("decode", 2)
+                await vanish(h.redis, job=b".0")
             with pytest.raises(Unavailable, match="lost in a Redis failover 4 times; retry") as info:
                 await asyncio.wait_for(waiting, 10)
             assert info.value.status == 503
             assert time.monotonic() - started < 10
             assert h.client.waiting == 0
+            assert await h.redis.keys(KEYS.cancel("*")), "the request's other job was not cancelled"
 
     asyncio.run(scenario())
     assert lost("failed") - before == 1
