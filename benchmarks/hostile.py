@@ -46,7 +46,7 @@ from benchmarks.hostile_plot import plot
 from benchmarks.machine import RESULTS, mark_quotable
 from benchmarks.topology import Topology, cpu_seconds, machine_info, metric_sum, resolve_model
 from benchmarks.traffic import drive, percentile, png_bytes
-from service.broker import Keys
+from service.broker_protocol import Keys
 
 HEAVY = {"class_label": 0, "num_images": 16, "steps": 250, "sampler": "heun", "cfg_scale": 3.5, "seed": 1}
 LIGHT = {"class_label": 1, "seed": 2, "steps": 10}

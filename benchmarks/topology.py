@@ -1,8 +1,10 @@
 """The service's real topology as processes on 127.0.0.1, for the load and fault runs.
 
 A redis-server with its append-only file on (as deployed; restartable in place on the same port and
-data folder), API replicas (`pae-serve`) and workers (`pae-worker`), all started by the service's own
-launcher (service/launcher.py) under a lifetime, so nothing outlives a run that is interrupted.
+data folder) or, with `sentinels`, a primary, a replica and three sentinels that the service reaches
+through REDIS_SENTINELS (service/redis_topologies.py); API replicas (`pae-serve`) and workers
+(`pae-worker`), all started by the service's own launcher (service/launcher.py) under a lifetime, so
+nothing outlives a run that is interrupted.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ import redis
 
 from benchmarks.machine import describe
 from export.repository import list_versions
-from service.launcher import Proc, free_port, start_api, start_worker, stop_processes
+from service.launcher import LOOPBACK, Proc, free_port, start_api, start_worker, stop_processes
 from service.redis_server import RedisServer, find_redis_server
+from service.redis_topologies import SentinelGroup
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = "fmnist32-tiny"
@@ -81,7 +84,8 @@ def cpu_seconds(pid: int) -> float:
 
 @dataclass
 class Topology:
-    """redis-server + API replicas + workers as real processes on 127.0.0.1."""
+    """redis-server (or a primary, replica and sentinels) + API replicas + workers as real processes
+    on 127.0.0.1."""
 
     repository: Path
     model: str
@@ -89,28 +93,49 @@ class Topology:
     workers: int = 1
     env: dict[str, str] = field(default_factory=dict)
     redis_password: str | None = None
+    sentinels: bool = False
     run_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="pae-bench-run-")))
 
     def __post_init__(self) -> None:
-        self.redis = RedisServer(
-            password=self.redis_password,
-            appendonly=True,
-            workdir=self.run_dir / "redis",
-            lifetime_s=LIFETIME_S,
-            log=self.run_dir / "redis.log",
-        )
+        self.group: SentinelGroup | None = None
+        self.redis: RedisServer | None = None
+        if self.sentinels:
+            self.group = SentinelGroup(
+                self.run_dir / "redis", password=self.redis_password, lifetime_s=LIFETIME_S
+            )
+        else:
+            self.redis = RedisServer(
+                password=self.redis_password,
+                appendonly=True,
+                workdir=self.run_dir / "redis",
+                lifetime_s=LIFETIME_S,
+                log=self.run_dir / "redis.log",
+            )
         self.apis: list[Proc | None] = [None] * self.api_replicas
         self.worker_procs: list[Proc | None] = [None] * self.workers
         self._spawned = 0
 
     def redis_client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.redis.url, socket_connect_timeout=1, socket_timeout=10)
+        """A client of the primary: the one server, or the one the sentinels name now."""
+        port = self.group.primary_port() if self.group is not None else self.redis.port
+        return redis.Redis(
+            host=LOOPBACK,
+            port=port,
+            password=self.redis_password,
+            socket_connect_timeout=1,
+            socket_timeout=10,
+        )
 
     def base_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MAX_BATCH_SIZE_", "MAX_WAIT_MS_"))}
+        if self.group is not None:
+            env["REDIS_SENTINELS"] = self.group.addresses
+            if self.redis_password:
+                env["REDIS_PASSWORD"] = self.redis_password
+        else:
+            env["REDIS_URL"] = self.redis.url
         env.update(
             {
-                "REDIS_URL": self.redis.url,
                 "MODEL_REPOSITORY": str(self.repository),
                 "MODEL_NAME": self.model,
                 "OMP_NUM_THREADS": "1",
@@ -140,7 +165,10 @@ class Topology:
         return self.worker_procs[i]
 
     def start(self, ready_timeout_s: float = 180.0) -> None:
-        self.redis.start()
+        if self.group is not None:
+            self.group.start()
+        else:
+            self.redis.start()
         for i in range(self.workers):
             self.start_worker(i)
         for i in range(self.api_replicas):
@@ -177,7 +205,10 @@ class Topology:
     def stop(self) -> None:
         """Stop every process and delete Redis's data folder and the logs."""
         stop_processes([p for p in [*self.apis, *self.worker_procs] if p is not None], grace_s=20.0)
-        self.redis.stop()
+        if self.group is not None:
+            self.group.stop()
+        else:
+            self.redis.stop()
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def processes(self) -> dict[str, int]:
@@ -185,8 +216,8 @@ class Topology:
         named = {
             p.name: p.program_pid for p in [*self.apis, *self.worker_procs] if p is not None and p.alive()
         }
-        if self.redis.pid:
-            named["redis"] = self.redis.pid
+        servers = self.group.servers if self.group is not None else [self.redis]
+        named.update({server.name: server.pid for server in servers if server.pid})
         return named
 
     def worker_metrics(self) -> list[str]:

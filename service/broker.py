@@ -1,29 +1,27 @@
-"""Redis Streams job broker: bounded atomic enqueue, per-replica replies, reclaim and dead-lettering.
+"""The API replica's side of the job broker: enqueue a request's jobs, wait for their replies, cancel
+what is abandoned, and recover jobs a Redis failover lost (`service.broker_protocol` has the keys).
 
-Layout (prefix `pae:<model>:<version>`, so two model versions never share a queue):
+Lost jobs. Redis replicates asynchronously, so a failover (or a Redis restarted without its data)
+can lose the last writes before it: a job's stream entry, or a worker's reply. Nothing would ever
+answer such a job, and its request would wait for its whole deadline. So every AUDIT_INTERVAL_S
+the replica checks the jobs it has waited on for AUDIT_AFTER_S or more, in one script per task:
+a job whose stream entry is gone was either answered (the worker writes the reply before it deletes
+the entry), dead-lettered (likewise), or lost. Once the reply dispatcher has read the reply stream as
+far as it reached when the entry was found gone, a job still without a reply is lost.
 
-- `<prefix>:jobs:<task>`   one stream per task, consumer group `workers`; one entry = one image
-  or latent, so batch sizes and the queue bound count images, not requests.
-- `<prefix>:cost:<task>`   the summed cost (`service.cost`) of the jobs in the stream: raised by
-  the enqueue script, lowered by the acknowledge script, so QUEUE_MAX_COST bounds work, not entries.
-- `<prefix>:dead:<task>`   dead-letter stream for jobs delivered more than `MAX_DELIVERIES` times.
-- `<prefix>:reply:<replica>`  one reply stream per API replica, read by ONE dispatcher task that
-  resolves the waiting futures (a stream, not a list, so a dispatcher that reconnects resumes from
-  its last id and loses nothing).
-- `<prefix>:cancel:<request>`  set by the API (to the time, epoch ms) when a client disconnects
-  or a deadline passes; workers drop the request's jobs before running a batch, and take them out
-  of a running batch at its next sampler step.
-- `<prefix>:workers` (sorted set of heartbeat times) and `<prefix>:worker:<id>` (info, with TTL).
+A lost job is enqueued again, under the same job id and deadline, rather than answered with an
+error, because a job is a pure function of its payload (seeded noise, fixed weights): running it
+twice gives the same answer, and the dispatcher keeps whichever reply comes first. The replica still
+holds the payload and the client's deadline still bounds the wait, whereas a 503 would make every
+client upload, decode and queue again for a fault that was the service's. When it cannot be enqueued
+again (Redis unreachable, the queue full, or the job lost MAX_REQUEUES times already) the request
+ends at once with a 503 and Retry-After that says so: a clear, retryable error, not a wait until
+the deadline.
 
-A job that runs longer than CLAIM_IDLE_MS can be claimed by a second worker and run twice; that is
-harmless (a dispatcher resolves each job once and ignores a repeat reply) but wasteful, so
-CLAIM_IDLE_MS must exceed the longest batch. Workers XACK and XDEL a job once its reply is
-written, so XLEN is exactly the number of jobs queued or in flight, and the enqueue script bounds
-that and their cost atomically. Payloads are raw bytes in stream fields (little-endian arrays,
-UTF-8 text, canonical JSON for sampler settings): no pickle.
-
-This module holds the layout, the messages and the API replica's side (`BrokerClient`); the
-worker's side is `service.broker_worker.BrokerWorker`.
+The reply stream itself can lose entries that the dispatcher had read, and a new primary on
+another host (another clock) can then give new replies ids below the dispatcher's position, which
+it would never read. The same check sees the stream's newest id fall below that position and makes
+the dispatcher read the stream again from its start (repeats are ignored).
 """
 
 from __future__ import annotations
@@ -34,25 +32,19 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
-from service import timing
+from service import metrics, timing
+from service.broker_protocol import CANCEL_GRACE_MS, GROUP, Keys, Reply, ensure_groups, entry_order, now_ms
+from service.broker_scripts import AUDIT_LUA, ENQUEUE_LUA
 from service.errors import DeadlineExceeded, JobFailed, QueueFull, Unavailable
+from service.redis_client import RedisClient
 
 log = logging.getLogger(__name__)
 
-GROUP = "workers"
-REPLY_MAXLEN = 10_000
-REPLY_TTL_MS = 600_000
-DEAD_MAXLEN = 10_000
-CANCEL_GRACE_MS = 60_000
 DISPATCH_BLOCK_MS = 1000
-HEALTH_CHECK_S = 1
 FULL_MEMORY_S = 0.05
 """How long a replica refuses a task's requests without asking Redis after it saw the queue full.
 Under a burst that turns most 429s into a dictionary lookup; a queue that frees room meanwhile
@@ -62,191 +54,28 @@ ROOM_MEMORY_S = 0.05
 half full (every enqueue reports the queue it left): under steady traffic the early check then costs
 no round trip. A queue that fills from half to full meanwhile is still refused exactly by the
 enqueue script, only after the body was read."""
-
-# KEYS[1] = job stream, KEYS[2] = its cost counter. ARGV = max_len, max_cost, n_jobs, cost, then
-# per job: n_pairs, field1, value1, ... XLEN counts queued plus in-flight jobs (workers delete
-# acknowledged entries), so the checks and the XADDs in one script make both bounds exact under any
-# number of concurrent API replicas. An empty stream has no cost: resetting the counter then heals
-# any drift (a Redis restarted without its data, an acknowledgement lost with a dying worker).
-_ENQUEUE_LUA = """
-local len = redis.call('XLEN', KEYS[1])
-local cost = 0
-if len == 0 then
-  redis.call('DEL', KEYS[2])
-else
-  cost = tonumber(redis.call('GET', KEYS[2]) or '0')
-end
-local n = tonumber(ARGV[3])
-local add = tonumber(ARGV[4])
-if len + n > tonumber(ARGV[1]) or cost + add > tonumber(ARGV[2]) then
-  return {0, len, cost}
-end
-redis.call('INCRBY', KEYS[2], add)
-local pos = 5
-for i = 1, n do
-  local pairs_n = tonumber(ARGV[pos])
-  pos = pos + 1
-  local args = {'XADD', KEYS[1], '*'}
-  for j = 1, 2 * pairs_n do
-    args[#args + 1] = ARGV[pos]
-    pos = pos + 1
-  end
-  redis.call(unpack(args))
-end
-return {1, len + n, cost + add}
-"""
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def make_pool(url: str, max_connections: int, timeout_s: float) -> BlockingConnectionPool:
-    """A bounded pool that waits up to `timeout_s` for a free connection instead of failing at once.
-
-    redis-py's default pool raises MaxConnectionsError immediately past its size (measured at 200
-    concurrent requests, SERVING_NOTES); blocking for a bounded time turns a burst into a short wait.
-
-    After a Redis restart, connections that sat in the pool through the outage are dead, and each
-    one failed the first request that drew it (a 503 well after Redis was back, seen in the fault
-    campaign). So a connection idle for more than HEALTH_CHECK_S is PINGed before use and
-    reconnected if the PING fails, and a command whose connection breaks is sent once more on a
-    fresh one. A resent enqueue whose first attempt had in fact run adds its jobs twice under the
-    same job ids: both run, the dispatcher keeps the first reply and ignores the repeat.
-    """
-    return BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=timeout_s,
-        socket_connect_timeout=5.0,
-        socket_timeout=30.0,
-        health_check_interval=HEALTH_CHECK_S,
-        retry=Retry(NoBackoff(), 1),
-    )
-
-
-@dataclass(frozen=True)
-class Keys:
-    """Every Redis key the broker uses, derived from one prefix."""
-
-    prefix: str
-
-    @classmethod
-    def for_model(cls, name: str, version: str) -> Keys:
-        return cls(f"pae:{name}:{version}")
-
-    def jobs(self, task: str) -> str:
-        return f"{self.prefix}:jobs:{task}"
-
-    def dead(self, task: str) -> str:
-        return f"{self.prefix}:dead:{task}"
-
-    def cost(self, task: str) -> str:
-        return f"{self.prefix}:cost:{task}"
-
-    def reply(self, replica: str) -> str:
-        return f"{self.prefix}:reply:{replica}"
-
-    def cancel(self, request_id: str) -> str:
-        return f"{self.prefix}:cancel:{request_id}"
-
-    @property
-    def workers(self) -> str:
-        return f"{self.prefix}:workers"
-
-    def worker(self, worker_id: str) -> str:
-        return f"{self.prefix}:worker:{worker_id}"
+AUDIT_INTERVAL_S = 1.0
+AUDIT_AFTER_S = 1.0
+"""A job is checked once it has waited this long, and again each time it has waited as long since
+its last check: most requests finish sooner and cost no check at all."""
+MAX_REQUEUES = 3
+SYNC_TIMEOUT_S = 2.0
+"""How long a check waits for the dispatcher to read the replies that may explain a vanished entry;
+past it (the dispatcher cannot reach Redis) nothing is declared lost until the next check."""
 
 
 @dataclass
-class Reply:
-    """A worker's answer to one job."""
+class Waiting:
+    """A job this replica waits on, with what it takes to enqueue it again."""
 
-    job_id: str
-    ok: bool
-    status: int = 200
-    error: str = ""
-    dtype: str = ""
-    shape: tuple[int, ...] = ()
-    data: bytes = b""
-    queue_ms: float = 0.0
-    compute_ms: float = 0.0
-
-    def to_fields(self) -> dict[str, bytes | str | int | float]:
-        return {
-            "id": self.job_id,
-            "ok": int(self.ok),
-            "status": self.status,
-            "error": self.error,
-            "dtype": self.dtype,
-            "shape": ",".join(map(str, self.shape)),
-            "data": self.data,
-            "queue_ms": self.queue_ms,
-            "compute_ms": self.compute_ms,
-        }
-
-    @classmethod
-    def from_fields(cls, fields: dict[bytes, bytes]) -> Reply:
-        shape = fields.get(b"shape", b"").decode()
-        return cls(
-            job_id=fields[b"id"].decode(),
-            ok=fields.get(b"ok") == b"1",
-            status=int(fields.get(b"status", b"500")),
-            error=fields.get(b"error", b"").decode("utf-8", "replace"),
-            dtype=fields.get(b"dtype", b"").decode(),
-            shape=tuple(int(d) for d in shape.split(",")) if shape else (),
-            data=fields.get(b"data", b""),
-            queue_ms=float(fields.get(b"queue_ms", b"0")),
-            compute_ms=float(fields.get(b"compute_ms", b"0")),
-        )
-
-
-@dataclass
-class Job:
-    """One queued job as a worker sees it."""
-
-    entry_id: bytes
     task: str
-    job_id: str
-    request_id: str
-    reply_key: str
+    future: asyncio.Future[Reply]
+    fields: list[bytes | str | int]
+    cost: int
     deadline_ms: int
-    enqueued_ms: int
-    fields: dict[bytes, bytes] = field(repr=False)
-    deliveries: int = 1
-    cost: int = 1
-
-    @classmethod
-    def from_entry(cls, task: str, entry_id: bytes, fields: dict[bytes, bytes]) -> Job:
-        return cls(
-            entry_id=entry_id,
-            task=task,
-            job_id=fields[b"id"].decode(),
-            request_id=fields[b"rid"].decode(),
-            reply_key=fields[b"reply"].decode(),
-            deadline_ms=int(fields[b"deadline"]),
-            enqueued_ms=int(fields[b"enq"]),
-            fields=fields,
-            cost=max(int(fields.get(b"cost", b"1")), 0),
-        )
-
-
-def cancel_times(request_ids: Sequence[str], values: Sequence[bytes | None]) -> dict[str, int]:
-    times = {}
-    for rid, value in zip(request_ids, values, strict=True):
-        if value is not None:
-            times[rid] = int(value) if value.isdigit() else 0
-    return times
-
-
-async def ensure_groups(redis: Redis, keys: Keys, tasks: Sequence[str]) -> None:
-    """Create each task's stream and consumer group if missing (id 0: jobs queued earlier count)."""
-    for task in tasks:
-        try:
-            await redis.xgroup_create(keys.jobs(task), GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+    entry_id: bytes = b""
+    checked: float = 0.0
+    requeues: int = 0
 
 
 class BrokerClient:
@@ -254,39 +83,50 @@ class BrokerClient:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         keys: Keys,
         queue_max_len: int,
         replica_id: str | None = None,
         queue_max_cost: int = 1 << 62,
+        audit_interval_s: float = AUDIT_INTERVAL_S,
+        audit_after_s: float = AUDIT_AFTER_S,
     ) -> None:
         self.redis = redis
         self.keys = keys
         self.queue_max_len = queue_max_len
         self.queue_max_cost = queue_max_cost
+        self.audit_interval_s = audit_interval_s
+        self.audit_after_s = audit_after_s
         self._full: dict[str, tuple[float, str]] = {}
         self._room: dict[str, float] = {}
         self.replica_id = replica_id or uuid.uuid4().hex
         self.reply_key = keys.reply(self.replica_id)
-        self._waiting: dict[str, asyncio.Future[Reply]] = {}
-        self._enqueue = redis.register_script(_ENQUEUE_LUA)
-        self._dispatcher: asyncio.Task[None] | None = None
+        self._waiting: dict[str, Waiting] = {}
+        self._enqueue = redis.register_script(ENQUEUE_LUA)
+        self._audit = redis.register_script(AUDIT_LUA)
+        self._read_to = b"0-0"
+        self._reread = False
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self, tasks: Sequence[str]) -> None:
-        """Create the groups (best effort: Redis may be down at start) and start the dispatcher."""
+        """Create the groups (best effort: Redis may be down at start), start the dispatcher and the
+        lost-job check."""
         try:
             await ensure_groups(self.redis, self.keys, tasks)
         except RedisError as exc:
             log.warning("could not create consumer groups yet: %s", exc)
-        self._dispatcher = asyncio.create_task(self._dispatch(), name=f"reply-dispatcher-{self.replica_id}")
+        self._tasks = [
+            asyncio.create_task(self._dispatch(), name=f"reply-dispatcher-{self.replica_id}"),
+            asyncio.create_task(self._check_periodically(), name=f"lost-job-check-{self.replica_id}"),
+        ]
 
     async def close(self) -> None:
-        if self._dispatcher is not None:
-            self._dispatcher.cancel()
-            await asyncio.gather(self._dispatcher, return_exceptions=True)
-        for fut in self._waiting.values():
-            if not fut.done():
-                fut.set_exception(Unavailable("the API replica is shutting down"))
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for waiting in self._waiting.values():
+            if not waiting.future.done():
+                waiting.future.set_exception(Unavailable("the API replica is shutting down"))
         try:
             await self.redis.delete(self.reply_key)
         except RedisError:
@@ -299,11 +139,14 @@ class BrokerClient:
 
     async def _dispatch(self) -> None:
         """The replica's single reader of its reply stream; resolves one future per reply."""
-        last = b"0-0"
         backoff = 0.05
         while True:
+            if self._reread:
+                self._reread, self._read_to = False, b"0-0"
             try:
-                resp = await self.redis.xread({self.reply_key: last}, count=512, block=DISPATCH_BLOCK_MS)
+                resp = await self.redis.xread(
+                    {self.reply_key: self._read_to}, count=512, block=DISPATCH_BLOCK_MS
+                )
                 backoff = 0.05
             except asyncio.CancelledError:
                 raise
@@ -314,15 +157,15 @@ class BrokerClient:
                 continue
             for _stream, entries in resp or ():
                 for entry_id, fields in entries:
-                    last = entry_id
+                    self._read_to = entry_id
                     try:
                         reply = Reply.from_fields(fields)
                     except (KeyError, ValueError, TypeError, AttributeError):
                         log.warning("reply dispatcher: skipping malformed reply entry %s", entry_id)
                         continue
-                    fut = self._waiting.get(reply.job_id)
-                    if fut is not None and not fut.done():
-                        fut.set_result(reply)
+                    waiting = self._waiting.get(reply.job_id)
+                    if waiting is not None and not waiting.future.done():
+                        waiting.future.set_result(reply)
 
     async def admit(self, task: str) -> None:
         """Raise QueueFull when the task's queue has no room for even the cheapest job.
@@ -373,25 +216,46 @@ class BrokerClient:
             f"{self.queue_max_len}, QUEUE_MAX_COST={self.queue_max_cost}{asked}); retry later"
         )
 
+    async def _enqueue_jobs(self, task: str, jobs: Sequence[Waiting]) -> None:
+        """Add `jobs` to the task's stream, all or none, and record their entry ids.
+
+        Raises QueueFull when a bound would be passed and Unavailable when Redis cannot be reached.
+        """
+        total = sum(job.cost for job in jobs)
+        args: list[bytes | str | int] = [self.queue_max_len, self.queue_max_cost, len(jobs), total]
+        for job in jobs:
+            args.extend(job.fields)
+        try:
+            result = await self._enqueue(keys=[self.keys.jobs(task), self.keys.cost(task)], args=args)
+        except (RedisError, OSError) as exc:
+            raise Unavailable(f"the job queue (Redis) is unavailable: {exc}") from None
+        if int(result[0]) == 0:
+            length, cost = int(result[1]), int(result[2])
+            if length >= self.queue_max_len or cost >= self.queue_max_cost:
+                self._remember_full(task, length, cost)
+            raise QueueFull(self._full_message(task, length, cost, len(jobs), total))
+        self._remember_room(task, int(result[1]), int(result[2]))
+        checked = time.monotonic()
+        for job, entry_id in zip(jobs, result[3:], strict=True):
+            job.entry_id, job.checked = entry_id, checked
+
     async def submit(
         self, task: str, payloads: Sequence[dict[str, bytes | str | int]], deadline_ms: int
     ) -> list[Reply]:
         """Enqueue one job per payload (all or none) and return their replies in order.
 
         A payload's `cost` field (default 1) is what the job adds to the queue's cost.
-        Raises QueueFull (a bound would be passed), Unavailable (Redis unreachable),
-        DeadlineExceeded (the deadline passed first: the jobs are cancelled) or JobFailed (a worker
-        answered with an error). If the awaiting task is cancelled (client gone) the jobs are
-        cancelled too.
+        Raises QueueFull (a bound would be passed), Unavailable (Redis unreachable, or a job lost in
+        a failover that could not be enqueued again), DeadlineExceeded (the deadline passed first:
+        the jobs are cancelled) or JobFailed (a worker answered with an error). If the awaiting task
+        is cancelled (client gone) the jobs are cancelled too.
         """
         request_id = uuid.uuid4().hex
         enqueued = now_ms()
-        job_ids = [f"{request_id}.{i}" for i in range(len(payloads))]
         loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in job_ids]
-        total = sum(int(payload.get("cost", 1)) for payload in payloads)
-        args: list[bytes | str | int] = [self.queue_max_len, self.queue_max_cost, len(payloads), total]
-        for job_id, payload in zip(job_ids, payloads, strict=True):
+        jobs: dict[str, Waiting] = {}
+        for i, payload in enumerate(payloads):
+            job_id = f"{request_id}.{i}"
             fields: dict[str, bytes | str | int] = {
                 "id": job_id,
                 "rid": request_id,
@@ -400,40 +264,40 @@ class BrokerClient:
                 "enq": enqueued,
                 **payload,
             }
-            args.append(len(fields))
+            flat: list[bytes | str | int] = [len(fields)]
             for key, value in fields.items():
-                args.extend((key, value))
-        for job_id, fut in zip(job_ids, futures, strict=True):
-            self._waiting[job_id] = fut
+                flat.extend((key, value))
+            cost = int(payload.get("cost", 1))
+            jobs[job_id] = Waiting(task, loop.create_future(), flat, cost, deadline_ms)
+        futures = [job.future for job in jobs.values()]
+        self._waiting.update(jobs)
         try:
-            try:
-                result = await self._enqueue(keys=[self.keys.jobs(task), self.keys.cost(task)], args=args)
-            except (RedisError, OSError) as exc:
-                raise Unavailable(f"the job queue (Redis) is unavailable: {exc}") from None
-            if int(result[0]) == 0:
-                length, cost = int(result[1]), int(result[2])
-                if length >= self.queue_max_len or cost >= self.queue_max_cost:
-                    self._remember_full(task, length, cost)
-                raise QueueFull(self._full_message(task, length, cost, len(payloads), total))
-            self._remember_room(task, int(result[1]), int(result[2]))
+            await self._enqueue_jobs(task, list(jobs.values()))
             timing.mark("enqueue")
             timeout = (deadline_ms - now_ms()) / 1000
             # asyncio.wait, not wait_for(gather(...)): a gather cancelled with its caller keeps a
             # CancelledError nobody retrieves, which asyncio logs as an error with a traceback.
+            # FIRST_EXCEPTION: a job that failed (lost and not enqueued again) ends the request at
+            # once; its other jobs are cancelled rather than waited for.
             try:
-                _done, pending = await asyncio.wait(futures, timeout=max(timeout, 0.001))
+                _done, pending = await asyncio.wait(
+                    futures, timeout=max(timeout, 0.001), return_when=asyncio.FIRST_EXCEPTION
+                )
             except asyncio.CancelledError:
                 await asyncio.shield(self._cancel(request_id, deadline_ms))
                 raise
-            if pending:
+            failed = next((f.exception() for f in futures if f.done() and f.exception()), None)
+            if failed is not None or pending:
                 await self._cancel(request_id, deadline_ms)
+                if failed is not None:
+                    raise failed
                 raise DeadlineExceeded(
                     f"the {task} request did not finish within its deadline; its jobs were cancelled"
                 )
             replies = [future.result() for future in futures]
             timing.mark("wait")
         finally:
-            for job_id in job_ids:
+            for job_id in jobs:
                 self._waiting.pop(job_id, None)
         for reply in replies:
             if not reply.ok:
@@ -447,6 +311,80 @@ class BrokerClient:
             await self.redis.set(self.keys.cancel(request_id), now, px=ttl)
         except (RedisError, OSError) as exc:
             log.warning("could not mark request %s cancelled: %s", request_id, exc)
+
+    async def _check_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.audit_interval_s)
+            try:
+                await self.recover_lost()
+            except (RedisError, OSError) as exc:
+                log.debug("lost-job check skipped: %s", exc)
+
+    async def recover_lost(self) -> int:
+        """Check the jobs waited on for AUDIT_AFTER_S or more; enqueue the lost ones again (or fail
+        them with a 503). Returns how many were found lost."""
+        now = time.monotonic()
+        due: dict[str, list[tuple[str, Waiting]]] = {}
+        for job_id, job in self._waiting.items():
+            if job.entry_id and not job.future.done() and now - job.checked >= self.audit_after_s:
+                due.setdefault(job.task, []).append((job_id, job))
+        lost = 0
+        for task, jobs in due.items():
+            read_to = self._read_to
+            result = await self._audit(
+                keys=[self.keys.jobs(task), self.reply_key],
+                args=[GROUP, *(job.entry_id for _, job in jobs)],
+            )
+            newest, missing = result[0], [jobs[int(i)] for i in result[1:]]
+            for _, job in jobs:
+                job.checked = now
+            if read_to != b"0-0" and (not newest or entry_order(newest) < entry_order(read_to)):
+                log.warning(
+                    "reply stream %s lost entries its dispatcher had read; rereading it", self.reply_key
+                )
+                self._reread = True
+            if not missing or not await self._dispatched_through(newest):
+                continue
+            gone = [job for job_id, job in missing if job_id in self._waiting and not job.future.done()]
+            lost += len(gone)
+            await self._requeue(task, gone)
+        return lost
+
+    async def _dispatched_through(self, entry_id: bytes) -> bool:
+        """Wait until the dispatcher has read the reply stream up to `entry_id` (empty: nothing to
+        read); False when it has not within SYNC_TIMEOUT_S."""
+        if not entry_id:
+            return True
+        target = entry_order(entry_id)
+        deadline = time.monotonic() + SYNC_TIMEOUT_S
+        while self._reread or entry_order(self._read_to) < target:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    async def _requeue(self, task: str, jobs: Sequence[Waiting]) -> None:
+        """Enqueue lost jobs again, or fail them with a 503 saying why (see the module docstring)."""
+        now = now_ms()
+        again = [job for job in jobs if job.requeues < MAX_REQUEUES and job.deadline_ms > now]
+        failed = [job for job in jobs if job.requeues >= MAX_REQUEUES]
+        reason = f"lost in a Redis failover {MAX_REQUEUES + 1} times"
+        if again:
+            try:
+                await self._enqueue_jobs(task, again)
+            except (QueueFull, Unavailable) as exc:
+                failed += again
+                reason = f"lost in a Redis failover and could not be enqueued again ({exc.message})"
+            else:
+                for job in again:
+                    job.requeues += 1
+                metrics.LOST.labels(task, "requeued").inc(len(again))
+                log.warning("%d %s jobs lost in a Redis failover were enqueued again", len(again), task)
+        for job in failed:
+            if not job.future.done():
+                job.future.set_exception(Unavailable(f"a {task} job was {reason}; retry the request"))
+        if failed:
+            metrics.LOST.labels(task, "failed").inc(len(failed))
 
     async def alive_workers(self, ttl_ms: int) -> list[dict[str, object]]:
         """Info of workers whose heartbeat is younger than `ttl_ms`."""

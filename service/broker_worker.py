@@ -1,4 +1,4 @@
-"""The worker's side of the job broker (`service.broker` describes the layout): read batches, reclaim
+"""The worker's side of the job broker (`service.broker_protocol` describes the layout): read batches, reclaim
 a dead consumer's jobs, dead-letter, check cancellations, reply and acknowledge.
 
 Acknowledging deletes the entry and gives its cost back to the queue's cost counter in one script,
@@ -11,9 +11,7 @@ import json
 import logging
 from collections.abc import Collection, Sequence
 
-from redis.asyncio import Redis
-
-from service.broker import (
+from service.broker_protocol import (
     DEAD_MAXLEN,
     GROUP,
     REPLY_MAXLEN,
@@ -24,23 +22,10 @@ from service.broker import (
     cancel_times,
     now_ms,
 )
+from service.broker_scripts import ACK_LUA
+from service.redis_client import RedisClient
 
 log = logging.getLogger(__name__)
-
-# KEYS[1] = job stream, KEYS[2] = its cost counter. ARGV = group, then id1, cost1, id2, cost2, ...
-# Only entries this call really deletes give their cost back, so a job acknowledged twice (run by a
-# slow worker and by the one that reclaimed it) is not subtracted twice.
-_ACK_LUA = """
-local freed = 0
-for i = 2, #ARGV, 2 do
-  redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
-  freed = freed + redis.call('XDEL', KEYS[1], ARGV[i]) * tonumber(ARGV[i + 1])
-end
-if freed > 0 and redis.call('DECRBY', KEYS[2], freed) < 0 then
-  redis.call('SET', KEYS[2], 0)
-end
-return freed
-"""
 
 
 class BrokerWorker:
@@ -48,7 +33,7 @@ class BrokerWorker:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         keys: Keys,
         consumer: str,
         claim_idle_ms: int,
@@ -139,7 +124,9 @@ class BrokerWorker:
         rids = sorted({job.request_id for job in jobs})
         pipe = self.redis.pipeline(transaction=False)
         if rids:
-            pipe.mget([self.keys.cancel(r) for r in rids])
+            # MGET by name: redis-py's cluster pipeline refuses its mget() helper, though keys of one
+            # hash tag make it a single-node command.
+            pipe.execute_command("MGET", *(self.keys.cancel(r) for r in rids))
         pipe.xlen(self.keys.jobs(task))
         pipe.get(self.keys.cost(task))
         out = await pipe.execute()
@@ -185,7 +172,7 @@ class BrokerWorker:
         pairs: list[bytes | int] = []
         for job in jobs:
             pairs.extend((job.entry_id, job.cost))
-        pipe.eval(_ACK_LUA, 2, self.keys.jobs(task), self.keys.cost(task), GROUP, *pairs)
+        pipe.eval(ACK_LUA, 2, self.keys.jobs(task), self.keys.cost(task), GROUP, *pairs)
 
     async def depth(self, task: str) -> int:
         """Jobs queued or in flight for `task` (acknowledged entries are deleted)."""

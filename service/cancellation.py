@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from model.sampling import Networks
-from service.broker import Job, now_ms
+from service.broker_protocol import Job, now_ms
 
 
 class Abandoned(Exception):

@@ -67,7 +67,8 @@ def ensure_default_model(settings: Settings) -> None:
 
 
 def serve_main(argv: Sequence[str] | None = None) -> None:
-    """`pae-serve`: run the API; with no REDIS_URL also a private redis-server and one worker process."""
+    """`pae-serve`: run the API; with no Redis named (REDIS_URL or REDIS_SENTINELS) also a private
+    redis-server and one worker process."""
     parser = argparse.ArgumentParser(prog="pae-serve", description=serve_main.__doc__)
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
@@ -84,7 +85,7 @@ def serve_main(argv: Sequence[str] | None = None) -> None:
 
     multiproc_dir = None
     # Several API processes, or the API and its embedded worker process, share one metrics view.
-    several = args.workers > 1 or settings.redis_url is None
+    several = args.workers > 1 or not settings.redis_configured
     if several and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         multiproc_dir = tempfile.mkdtemp(prefix="pae-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
@@ -102,7 +103,7 @@ def serve_main(argv: Sequence[str] | None = None) -> None:
     embedded: RedisServer | None = None
     worker: WorkerProcess | None = None
     try:
-        if settings.redis_url is None:
+        if not settings.redis_configured:
             try:
                 embedded = RedisServer()
                 url = embedded.start()
@@ -149,8 +150,8 @@ def worker_main(argv: Sequence[str] | None = None) -> None:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     settings = _settings()
-    if settings.redis_url is None:
-        sys.exit("pae-worker needs REDIS_URL (the embedded Redis belongs to pae-serve)")
+    if not settings.redis_configured:
+        sys.exit("pae-worker needs REDIS_URL or REDIS_SENTINELS (the embedded Redis belongs to pae-serve)")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = sorted(set(tasks) - {"encode", "decode", "generate"})
     if unknown or not tasks:
@@ -168,7 +169,7 @@ def worker_main(argv: Sequence[str] | None = None) -> None:
     runtime.warmup({t: settings.max_batch_size[t] for t in tasks})
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port, registry=metrics.registry())
-    worker = Worker(settings, runtime, settings.redis_url, tasks=tasks)
+    worker = Worker(settings, runtime, tasks=tasks)
 
     async def run() -> None:
         loop = asyncio.get_running_loop()

@@ -19,6 +19,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import replace
 
 from export.repository import resolve_version_dir
 from service.launcher import (
@@ -41,12 +42,14 @@ class WorkerThread:
     """A `Worker` on its own thread and event loop; the runtime is loaded and warmed up in `start()`.
 
     Loading happens on the caller's thread so a broken repository fails `start()` loudly instead of
-    leaving a server that is never ready.
+    leaving a server that is never ready. With `redis_url` (the embedded redis-server's) the worker
+    connects there instead of where the settings say.
     """
 
-    def __init__(self, settings: Settings, redis_url: str) -> None:
+    def __init__(self, settings: Settings, redis_url: str | None = None) -> None:
+        if redis_url is not None:
+            settings = replace(settings, redis_url=redis_url, redis_sentinels=(), redis_cluster=False)
         self.settings = settings
-        self.redis_url = redis_url
         self.worker: Worker | None = None
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
@@ -57,7 +60,7 @@ class WorkerThread:
         )
         runtime = load_runtime(self.settings, version_dir)
         runtime.warmup(self.settings.max_batch_size)
-        self.worker = Worker(self.settings, runtime, self.redis_url)
+        self.worker = Worker(self.settings, runtime)
         self.thread = threading.Thread(target=self._run, name="pae-embedded-worker", daemon=True)
         self.thread.start()
         if not self.worker.started.wait(timeout_s):

@@ -82,6 +82,12 @@ REJECTED = Counter(
     "Requests refused before queueing (queue_full: a queue bound; too_costly: MAX_REQUEST_COST)",
     ["task", "reason"],
 )
+LOST = Counter(
+    "pae_jobs_lost_total",
+    "Jobs whose stream entry vanished with no reply (a Redis failover lost the write), by what the API "
+    "did: requeued (enqueued again, same id and deadline) or failed (answered 503)",
+    ["task", "action"],
+)
 SLOW_CLIENTS = Counter(
     "pae_slow_clients_total",
     "Connections closed because a request's headers or body did not arrive in time",

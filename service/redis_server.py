@@ -14,6 +14,7 @@ import signal
 import socket
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from service.launcher import LOOPBACK, LaunchError, Proc, free_port, start_process, stop_process
@@ -46,31 +47,50 @@ def _resp(*words: str) -> bytes:
     return b"".join(parts)
 
 
-def redis_pid(port: int, password: str | None = None, timeout_s: float = 1.0) -> int | None:
-    """The PID of the Redis that answers PING on the loopback `port` (after AUTH when it needs a
-    password), or None when none does.
+def redis_command(
+    port: int, *words: str, password: str | None = None, timeout_s: float = 1.0
+) -> bytes | None:
+    """One command to the Redis on the loopback `port` (after AUTH when it needs a password): the
+    reply's payload (a bulk string's bytes, a status or integer line without its marker), or None
+    when nothing answers or the reply is an error or an array.
 
-    The PID tells a server we just started from another one already on that port, which a bare PING
-    cannot: the new one may still be about to fail its bind. Over a raw socket, because the stack
-    launcher must not depend on a Redis client being importable.
+    Over a raw socket, because the stack launcher must not depend on a Redis client being importable.
     """
-    request = (_resp("AUTH", password) if password else b"") + _resp("PING") + _resp("INFO", "server")
+    request = (_resp("AUTH", password) if password else b"") + _resp(*words)
     try:
         with socket.create_connection((LOOPBACK, port), timeout=timeout_s) as sock:
             sock.sendall(request)
             reply = sock.makefile("rb")
             if password and not reply.readline().startswith(b"+OK"):
                 return None
-            if not reply.readline().startswith(b"+PONG"):
-                return None
             header = reply.readline()
-            if not header.startswith(b"$"):
+            if header[:1] in (b"+", b":"):
+                return header[1:].rstrip(b"\r\n")
+            if header[:1] != b"$" or header.startswith(b"$-1"):
                 return None
-            info = reply.read(int(header[1:]))
+            return reply.read(int(header[1:]))
     except (OSError, ValueError):
         return None
-    found = re.search(rb"^process_id:(\d+)", info, re.M)
-    return int(found.group(1)) if found else None
+
+
+def info_field(port: int, section: str, name: str, password: str | None = None) -> str | None:
+    """One `name:value` field of `INFO <section>` from the Redis (or sentinel) on `port`."""
+    info = redis_command(port, "INFO", section, password=password)
+    found = re.search(rb"^" + re.escape(name.encode()) + rb":(.*?)\r?$", info or b"", re.M)
+    return found.group(1).decode() if found else None
+
+
+def redis_pid(port: int, password: str | None = None, timeout_s: float = 1.0) -> int | None:
+    """The PID of the Redis that answers on the loopback `port` (after AUTH when it needs a password),
+    or None when none does.
+
+    The PID tells a server we just started from another one already on that port, which a bare PING
+    cannot: the new one may still be about to fail its bind.
+    """
+    if redis_command(port, "PING", password=password, timeout_s=timeout_s) != b"PONG":
+        return None
+    pid = info_field(port, "server", "process_id", password)
+    return int(pid) if pid is not None and pid.isdigit() else None
 
 
 def wait_for_redis(proc: Proc, port: int, timeout_s: float, password: str | None = None) -> None:
@@ -92,7 +112,8 @@ class RedisServer:
     Without a `workdir` every start gets a fresh temporary data folder, deleted at stop: a restarted
     server comes back empty. With one (and `appendonly`, as deployed) it comes back with its streams,
     consumer groups and pending entries. Without a `port`, a free one is picked at the first start
-    (retried on another if a race takes it first).
+    (retried on another if a race takes it first). With `replica_of` (a loopback port) it starts as
+    that primary's replica; `extra_args` are added to its command line (`--cluster-enabled yes`).
     """
 
     def __init__(
@@ -106,8 +127,12 @@ class RedisServer:
         lifetime_s: float | None = None,
         log: Path | None = None,
         name: str = "redis",
+        replica_of: int | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.binary = binary or find_redis_server()
+        self.replica_of = replica_of
+        self.extra_args = list(extra_args)
         self.port = port
         self.password = password
         self.appendonly = appendonly
@@ -135,8 +160,10 @@ class RedisServer:
         argv += ["--save", "", "--appendonly", "yes" if self.appendonly else "no"]
         argv += ["--daemonize", "no", "--loglevel", "warning"]
         if self.password:
-            argv += ["--requirepass", self.password]
-        return argv
+            argv += ["--requirepass", self.password, "--masterauth", self.password]
+        if self.replica_of is not None:
+            argv += ["--replicaof", LOOPBACK, str(self.replica_of)]
+        return argv + self.extra_args
 
     def start(self, timeout_s: float = 10.0) -> str:
         """Start it and return its URL once it answers PING."""

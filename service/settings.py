@@ -82,15 +82,49 @@ def _optional(env: Mapping[str, str], name: str) -> str | None:
     return raw.strip() if raw is not None and raw.strip() else None
 
 
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if raw in ("", "0", "false", "no"):
+        return False
+    if raw in ("1", "true", "yes"):
+        return True
+    raise SettingsError(f"{name} must be true or false, got {env.get(name)!r}")
+
+
+def _addresses(env: Mapping[str, str], name: str) -> tuple[tuple[str, int], ...]:
+    """`host:port,host:port` (an IPv6 host in brackets) as (host, port) pairs."""
+    raw = _optional(env, name)
+    if raw is None:
+        return ()
+    out = []
+    for item in (part.strip() for part in raw.split(",")):
+        host, colon, port = item.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise SettingsError(f"{name} must be a comma-separated list of host:port, got {item!r}")
+        out.append((host, int(port)))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class Settings:
     """The validated configuration of an API replica or a worker (both read the same variables).
 
-    The Redis URL (which may hold a password) and the API key are left out of the repr, so a
-    logged or printed Settings never shows a secret.
+    The Redis URL (which may hold a password), the Redis passwords and the API key are left out of
+    the repr, so a logged or printed Settings never shows a secret.
+
+    Redis is one of: `redis_url` (one server, or with `redis_cluster` any node of a cluster), or
+    `redis_sentinels` (the sentinels that know the primary named `redis_sentinel_master`, reached
+    with `redis_username` / `redis_password`); neither means the embedded redis-server.
     """
 
     redis_url: str | None = field(default=None, repr=False)
+    redis_sentinels: tuple[tuple[str, int], ...] = ()
+    redis_sentinel_master: str = "pae"
+    redis_username: str | None = None
+    redis_password: str | None = field(default=None, repr=False)
+    redis_sentinel_password: str | None = field(default=None, repr=False)
+    redis_cluster: bool = False
     model_repository: Path = Path("model_repository")
     model_name: str = "fmnist32-tiny"
     model_version: str | None = None
@@ -142,6 +176,11 @@ class Settings:
             return max(1, usable_cores() // self.ort_intra_op_threads)
         return 1
 
+    @property
+    def redis_configured(self) -> bool:
+        """Whether an external Redis is named (else `pae-serve` starts an embedded one)."""
+        return self.redis_url is not None or bool(self.redis_sentinels)
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read and validate every variable; raise SettingsError naming the first bad one."""
@@ -159,6 +198,15 @@ class Settings:
             raise SettingsError(
                 f"REDIS_URL must start with redis://, rediss:// or unix://, got {redis_url!r}"
             )
+        sentinels = _addresses(env, "REDIS_SENTINELS")
+        cluster = _flag(env, "REDIS_CLUSTER")
+        if sentinels and redis_url is not None:
+            raise SettingsError(
+                "set REDIS_URL or REDIS_SENTINELS, not both (with sentinels, REDIS_USERNAME and "
+                "REDIS_PASSWORD give the primary's credentials)"
+            )
+        if cluster and (redis_url is None or redis_url.startswith("unix://")):
+            raise SettingsError("REDIS_CLUSTER needs REDIS_URL naming one node of the cluster (TCP)")
         model_name = _optional(env, "MODEL_NAME") or "fmnist32-tiny"
         try:
             validate_name(model_name)
@@ -172,6 +220,12 @@ class Settings:
         pixels = _int(env, "MAX_IMAGE_PIXELS", 16_777_216, 64, 89_478_485)
         settings = cls(
             redis_url=redis_url,
+            redis_sentinels=sentinels,
+            redis_sentinel_master=_optional(env, "REDIS_SENTINEL_MASTER") or "pae",
+            redis_username=_optional(env, "REDIS_USERNAME"),
+            redis_password=_optional(env, "REDIS_PASSWORD"),
+            redis_sentinel_password=_optional(env, "REDIS_SENTINEL_PASSWORD"),
+            redis_cluster=cluster,
             model_repository=Path(_optional(env, "MODEL_REPOSITORY") or "model_repository"),
             model_name=model_name,
             model_version=version,

@@ -33,15 +33,15 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from model.sampling import SamplerConfig
 from service import metrics
-from service.broker import Job, Keys, Reply, ensure_groups, make_pool, now_ms
+from service.broker_protocol import Job, Keys, Reply, ensure_groups, now_ms
 from service.broker_worker import BrokerWorker
 from service.cancellation import Abandoned, BatchWatch, PrunedGeneration
 from service.codecs import to_uint8
+from service.redis_client import describe, open_redis
 from service.runtimes.base import Runtime
 from service.settings import TASKS, Settings
 
@@ -158,13 +158,11 @@ class Worker:
         self,
         settings: Settings,
         runtime: Runtime,
-        redis_url: str,
         tasks: Sequence[str] = TASKS,
         worker_id: str | None = None,
     ) -> None:
         self.settings = settings
         self.runtime = runtime
-        self.redis_url = redis_url
         self.tasks = tuple(tasks)
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.keys = Keys.for_model(runtime.config.name, runtime.config.version)
@@ -184,30 +182,35 @@ class Worker:
 
     async def run(self) -> None:
         """Serve until stop(): heartbeats plus one batching loop per task."""
-        pool = make_pool(
-            self.redis_url, max_connections=len(self.tasks) + 4, timeout_s=self.settings.redis_pool_timeout_s
-        )
-        redis = Redis(connection_pool=pool)
-        self.broker = BrokerWorker(
-            redis, self.keys, self.worker_id, self.settings.claim_idle_ms, self.settings.max_deliveries
-        )
-        try:
-            await self._until_ok(lambda: ensure_groups(redis, self.keys, self.tasks))
-            heartbeat = asyncio.create_task(self._heartbeat())
-            await self._until_ok(self._beat)
-            self.started.set()
-            log.info("worker %s serving %s for %s", self.worker_id, ",".join(self.tasks), self.keys.prefix)
-            await asyncio.gather(*(self._task_loop(task) for task in self.tasks))
-            heartbeat.cancel()
-            await asyncio.gather(heartbeat, return_exceptions=True)
+        async with open_redis(self.settings, max_connections=len(self.tasks) + 4) as redis:
+            self.broker = BrokerWorker(
+                redis, self.keys, self.worker_id, self.settings.claim_idle_ms, self.settings.max_deliveries
+            )
             try:
-                await self.broker.deregister(self.worker_id)
-            except (RedisError, OSError) as exc:
-                log.warning("could not deregister worker %s: %s", self.worker_id, exc)
-        finally:
-            self._executor.shutdown(wait=True)
-            await redis.aclose()
-            await pool.disconnect()
+                await self._serve()
+            finally:
+                self._executor.shutdown(wait=True)
+
+    async def _serve(self) -> None:
+        redis = self.broker.redis
+        await self._until_ok(lambda: ensure_groups(redis, self.keys, self.tasks))
+        heartbeat = asyncio.create_task(self._heartbeat())
+        await self._until_ok(self._beat)
+        self.started.set()
+        log.info(
+            "worker %s serving %s for %s (Redis: %s)",
+            self.worker_id,
+            ",".join(self.tasks),
+            self.keys.prefix,
+            describe(self.settings),
+        )
+        await asyncio.gather(*(self._task_loop(task) for task in self.tasks))
+        heartbeat.cancel()
+        await asyncio.gather(heartbeat, return_exceptions=True)
+        try:
+            await self.broker.deregister(self.worker_id)
+        except (RedisError, OSError) as exc:
+            log.warning("could not deregister worker %s: %s", self.worker_id, exc)
 
     async def _until_ok(self, action) -> None:
         backoff = 0.1

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from service import codecs
-from service.broker import now_ms
+from service.broker_protocol import now_ms
 from service.errors import DeadlineExceeded
 
 BACKLOG_PER_THREAD = 4

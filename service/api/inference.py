@@ -30,7 +30,7 @@ from service.api.middleware import endpoint_label
 from service.api.negotiation import IMAGE_TYPES, JSON, MULTIPART, NPY, PNG, choose
 from service.api.openapi import BINARY, app_model, inference_responses, request_body
 from service.api.state import AppState, State
-from service.broker import Reply
+from service.broker_protocol import Reply
 from service.errors import BadInput, NotAcceptable
 from service.schemas import EncodeResponse, ImageOut, ImagesResponse, LatentPayload
 

@@ -17,7 +17,8 @@ from fastapi import Depends, Header, Request
 
 from service import metrics, timing
 from service.api.state import AppState, State, on_loop
-from service.broker import BrokerClient, Reply, now_ms
+from service.broker import BrokerClient
+from service.broker_protocol import Reply, now_ms
 from service.errors import BadInput, ClientGone, QueueFull
 
 

@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from typing import Annotated, ParamSpec, TypeVar
 
 from fastapi import Depends, FastAPI, Request
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from export.repository import ModelConfig, resolve_version_dir
 from service import metrics
 from service.api.images import ImageDecoder
-from service.broker import BrokerClient, Keys, make_pool
+from service.broker import BrokerClient
+from service.broker_protocol import Keys
+from service.redis_client import open_redis
 from service.schemas import Readiness, Schemas, build_schemas
 from service.settings import TASKS, Settings, SettingsError
 from service.worker import HEARTBEAT_TTL_MS
@@ -46,8 +47,10 @@ class AppState:
     @classmethod
     def load(cls, settings: Settings) -> AppState:
         """The state for the model version the settings name (its config.json must exist)."""
-        if settings.redis_url is None:
-            raise SettingsError("REDIS_URL is not set; pae-serve starts an embedded Redis when it is unset")
+        if not settings.redis_configured:
+            raise SettingsError(
+                "neither REDIS_URL nor REDIS_SENTINELS is set; pae-serve starts an embedded Redis then"
+            )
         version_dir = resolve_version_dir(
             settings.model_repository, settings.model_name, settings.model_version
         )
@@ -77,23 +80,20 @@ class AppState:
     async def connected(self) -> AsyncIterator[None]:
         """Open the Redis pool and the broker client (its reply dispatcher) for the app's lifetime."""
         settings, config = self.settings, self.config
-        pool = make_pool(settings.redis_url, settings.redis_pool_size, settings.redis_pool_timeout_s)
-        redis = Redis(connection_pool=pool)
-        broker = BrokerClient(
-            redis,
-            Keys.for_model(config.name, config.version),
-            settings.queue_max_len,
-            queue_max_cost=settings.queue_max_cost,
-        )
-        await broker.start(TASKS)
-        self.broker = broker
-        metrics.MODEL_INFO.labels(config.name, config.version, settings.runtime, self.provider).set(1)
-        try:
-            yield
-        finally:
-            await broker.close()
-            await redis.aclose()
-            await pool.disconnect()
+        async with open_redis(settings, settings.redis_pool_size) as redis:
+            broker = BrokerClient(
+                redis,
+                Keys.for_model(config.name, config.version),
+                settings.queue_max_len,
+                queue_max_cost=settings.queue_max_cost,
+            )
+            await broker.start(TASKS)
+            self.broker = broker
+            metrics.MODEL_INFO.labels(config.name, config.version, settings.runtime, self.provider).set(1)
+            try:
+                yield
+            finally:
+                await broker.close()
 
     def jobs(self) -> BrokerClient:
         """The broker client; only handlers call it, and they run inside the lifespan."""

@@ -23,6 +23,15 @@ K8S = DEPLOY / "k8s"
 INTERFACES = REPO / "docs" / "INTERFACES.md"
 VENV_BIN = Path(sys.executable).parent
 TASKS = ("encode", "decode", "generate")
+# Every rendered deployment: an overlay and the components added to it.
+VARIANTS = {
+    "cpu": ("overlays/cpu", []),
+    "gpu": ("overlays/gpu", []),
+    "gpu+tensorrt": ("overlays/gpu", ["components/tensorrt"]),
+    "cpu+external-redis": ("overlays/cpu", ["components/external-redis"]),
+    "cpu+redis-sentinel": ("overlays/cpu", ["components/redis-sentinel"]),
+    "cpu+models-volume": ("overlays/cpu", ["components/models-volume"]),
+}
 # Series Prometheus makes itself for every target; not exported by the service.
 PROMETHEUS_SYNTHETIC = {"up"}
 # Labels Prometheus attaches or histograms carry, on top of the contract's labels.
@@ -137,3 +146,35 @@ def contract_base(name: str) -> str | None:
         if name.endswith(suffix) and table.get(base, ("",))[0] == "histogram":
             return base
     return None
+
+
+def pod_templates(docs: list[dict]) -> dict[str, dict]:
+    return {
+        d["metadata"]["name"]: d["spec"]["template"]
+        for d in docs
+        if d["kind"] in ("Deployment", "StatefulSet")
+    }
+
+
+def first_container(docs: list[dict], workload: str) -> dict:
+    return pod_templates(docs)[workload]["spec"]["containers"][0]
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def selects(selector: dict, labels: dict[str, str]) -> bool:
+    """Kubernetes label-selector semantics (matchLabels and In/NotIn/Exists/DoesNotExist)."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        if (
+            (op == "In" and labels.get(key) not in values)
+            or (op == "NotIn" and labels.get(key) in values)
+            or (op == "Exists" and key not in labels)
+            or (op == "DoesNotExist" and key in labels)
+        ):
+            return False
+    return True

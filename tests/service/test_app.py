@@ -16,7 +16,7 @@ import redis
 from PIL import Image
 
 from model.sampling import SamplerConfig
-from service.broker import Keys
+from service.broker_protocol import Keys
 from service.codecs import decode_image, to_uint8
 from service.runtimes.onnxruntime import OnnxRuntime
 from tests.service.conftest import client, sample
@@ -149,7 +149,9 @@ def test_deadline_is_504_and_the_job_never_runs(live, tiny_repository: Path, cle
     with client(server, timeout=0.3) as impatient, pytest.raises(httpx.ReadTimeout):
         impatient.post("/v1/decode", json=latent)  # the client gives up and disconnects
     store = redis.Redis.from_url(clean_redis)
-    wait_for(lambda: len(store.keys("pae:tiny:1:cancel:*")) == 2, "both requests to be cancelled")
+    wait_for(
+        lambda: len(store.keys(Keys.for_model("tiny", "1").cancel("*"))) == 2, "both requests to be cancelled"
+    )
     worker = WorkerThread(make_settings(tiny_repository, clean_redis), clean_redis)
     worker.start()
     try:

@@ -11,78 +11,20 @@ import pytest
 from redis.asyncio import Redis
 
 from model.sampling import SamplerConfig
-from service.broker import GROUP, ROOM_MEMORY_S, BrokerClient, Job, Keys, now_ms
+from service.broker import ROOM_MEMORY_S
+from service.broker_protocol import GROUP, Job, now_ms
 from service.broker_worker import BrokerWorker
 from service.codecs import to_uint8
 from service.errors import DeadlineExceeded, JobFailed, QueueFull
 from service.runtimes.onnxruntime import OnnxRuntime
-from service.settings import TASKS
-from service.worker import Worker, group_jobs
-from tests.service.conftest import make_settings, sample
-
-KEYS = Keys.for_model("tiny", "1")
+from service.worker import group_jobs
+from tests.service.broker_harness import KEYS, Harness, latent_payload, sampler_key
+from tests.service.conftest import sample
 
 
 @pytest.fixture(scope="module")
 def runtime(tiny_repository: Path) -> OnnxRuntime:
     return OnnxRuntime(tiny_repository / "tiny" / "1", intra_op_threads=1)
-
-
-def latent_payload(seed: int) -> dict[str, bytes]:
-    z = np.random.default_rng(seed).standard_normal((4, 4, 4)).astype("<f4")
-    return {"data": z.tobytes()}
-
-
-def sampler_key(**fields: object) -> str:
-    base = {"sampler": "euler", "steps": 3, "shift": 1.0, "cfg_scale": 2.0, "cfg_interval": [0.0, 1.0]}
-    return json.dumps({**base, **fields}, sort_keys=True, separators=(",", ":"))
-
-
-class Harness:
-    """A BrokerClient and, on demand, a real Worker, sharing one event loop and Redis."""
-
-    def __init__(self, url: str, repository: Path, runtime: OnnxRuntime, **settings: object) -> None:
-        self.url = url
-        self.settings = make_settings(repository, url, **settings)
-        self.runtime = runtime
-        self.redis = Redis.from_url(url)
-        self.client = BrokerClient(
-            self.redis, KEYS, self.settings.queue_max_len, queue_max_cost=self.settings.queue_max_cost
-        )
-        self.worker: Worker | None = None
-        self.worker_task: asyncio.Task | None = None
-
-    async def __aenter__(self) -> Harness:
-        await self.client.start(TASKS)
-        return self
-
-    async def start_worker(self) -> Worker:
-        self.worker = Worker(self.settings, self.runtime, self.url)
-        self.worker_task = asyncio.create_task(self.worker.run())
-        while not self.worker.started.is_set():
-            await asyncio.sleep(0.01)
-        return self.worker
-
-    async def queued(self, task: str, count: int, timeout: float = 10.0) -> None:
-        """Wait until `count` jobs of `task` are in the stream (an enqueue running in a task landed)."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while await self.redis.xlen(KEYS.jobs(task)) != count:
-            assert asyncio.get_running_loop().time() < deadline, "the jobs were never enqueued"
-            await asyncio.sleep(0.01)
-
-    async def drained(self, task: str, timeout: float = 10.0) -> None:
-        """Wait until the task's stream holds no job (all run, dropped or dead-lettered)."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while await self.redis.xlen(KEYS.jobs(task)):
-            assert asyncio.get_running_loop().time() < deadline, "jobs were never taken off the queue"
-            await asyncio.sleep(0.02)
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self.worker is not None:
-            self.worker.stop()
-            await self.worker_task
-        await self.client.close()
-        await self.redis.aclose()
 
 
 def test_bounded_enqueue_is_atomic(clean_redis: str, tiny_repository: Path, runtime: OnnxRuntime) -> None:
@@ -340,8 +282,6 @@ def test_heartbeat_and_deregistration(clean_redis: str, tiny_repository: Path, r
 
 
 def test_group_jobs_splits_generate_by_settings() -> None:
-    from service.broker import Job
-
     def job(i: int, key: str) -> Job:
         fields = {
             b"id": f"r.{i}".encode(),

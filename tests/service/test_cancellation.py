@@ -15,7 +15,7 @@ import pytest
 
 from model.sampling import SamplerConfig, generate, model_evaluations
 from service import cost
-from service.broker import Job, now_ms
+from service.broker_protocol import Job, now_ms
 from service.cancellation import Abandoned, BatchWatch, PrunedGeneration
 from service.codecs import to_uint8
 from service.runtimes.onnxruntime import OnnxRuntime

@@ -1,8 +1,10 @@
 """A short run of the fault campaign (benchmarks/faults.py) on real processes: about 20 s of faults.
 
 Workers SIGKILLed mid-batch and restarted, Redis restarted under load, one API replica restarted
-under load; every job must be accounted for from the clients' and from Redis's side, every answer
-must belong to its request, and the service must recover from the Redis outage by itself.
+under load, and on a second topology the Redis primary SIGKILLed under sentinels (once with the
+replica in sync, once with it 2 s behind); every job must be accounted for from the clients' and
+from Redis's side, every answer must belong to its request, no request may hang, and the service
+must recover from the outage and the failovers by itself.
 """
 
 from __future__ import annotations
@@ -42,4 +44,11 @@ def test_short_fault_campaign_loses_no_job(tiny_repository: Path) -> None:
     # ("connection_lost"); none of those had reached the queue.
     assert set(restart["client_outcomes"]) <= {"completed", "refused", "connection_lost"}
     assert restart["jobs_enqueued"] == restart["jobs_with_known_outcome"]
+
+    for name in ("primary_killed", "primary_killed_replica_behind"):
+        failover = phases[name]
+        assert failover["recovered"] and failover["hung"] == 0, failover
+        assert set(failover["client_outcomes"]) <= {"completed", "rejected_unavailable", "lost_in_failover"}
+        assert failover["first_success_sent_after_kill_s"] < 15
+    assert phases["primary_killed_replica_behind"]["jobs_rolled_back_by_failover"] > 0
     assert result["ok"]

@@ -25,7 +25,7 @@ import pytest
 import redis
 
 from service.api.server import MAX_HEADER_BYTES
-from service.broker import Keys
+from service.broker_protocol import Keys
 from service.embedded import WorkerThread
 from service.redis_server import RedisServer
 from tests.service.conftest import LiveServer, client, make_settings, sample

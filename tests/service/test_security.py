@@ -23,7 +23,7 @@ import pytest
 import redis
 
 from export.repository import RepositoryError, resolve_version_dir
-from service.broker import Keys
+from service.broker_protocol import Keys
 from service.embedded import WorkerThread
 from service.redis_server import RedisServer
 from service.settings import Settings, SettingsError

@@ -73,6 +73,11 @@ def test_every_variable_is_read() -> None:
         ({"MAX_REQUEST_COST": "20000"}, "MAX_REQUEST_COST"),  # more than the queue could ever hold
         ({"HEADER_TIMEOUT_S": "0"}, "HEADER_TIMEOUT_S"),
         ({"IMAGE_DECODE_THREADS": "0"}, "IMAGE_DECODE_THREADS"),
+        ({"REDIS_SENTINELS": "s1:26379,s2"}, "REDIS_SENTINELS"),
+        ({"REDIS_SENTINELS": "s1:99999"}, "REDIS_SENTINELS"),
+        ({"REDIS_SENTINELS": "s1:26379", "REDIS_URL": "redis://r:6379/0"}, "REDIS_SENTINELS"),
+        ({"REDIS_CLUSTER": "true"}, "REDIS_CLUSTER"),
+        ({"REDIS_CLUSTER": "maybe", "REDIS_URL": "redis://r:6379/0"}, "REDIS_CLUSTER"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], named: str) -> None:
@@ -112,3 +117,23 @@ def test_usable_cores_follow_a_cgroup_quota(monkeypatch: pytest.MonkeyPatch, tmp
     assert module.usable_cores() == 2
     quota.write_text("max 100000\n")
     assert module.usable_cores() == 64
+
+
+def test_redis_through_sentinels_or_a_cluster() -> None:
+    s = Settings.from_env(
+        {
+            "REDIS_SENTINELS": "s0:26379, [fd00::1]:26380,s2.redis.svc:26379",
+            "REDIS_SENTINEL_MASTER": "primary",
+            "REDIS_USERNAME": "pae",
+            "REDIS_PASSWORD": "data-secret",
+            "REDIS_SENTINEL_PASSWORD": "sentinel-secret",
+        }
+    )
+    assert s.redis_sentinels == (("s0", 26379), ("fd00::1", 26380), ("s2.redis.svc", 26379))
+    assert (s.redis_sentinel_master, s.redis_username, s.redis_url) == ("primary", "pae", None)
+    assert s.redis_configured and not s.redis_cluster
+    assert "data-secret" not in repr(s) and "sentinel-secret" not in repr(s)
+    assert Settings.from_env({}).redis_sentinel_master == "pae"
+    assert not Settings.from_env({}).redis_configured
+    cluster = Settings.from_env({"REDIS_URL": "rediss://u:p@node-0:6379/0", "REDIS_CLUSTER": "yes"})
+    assert cluster.redis_cluster and cluster.redis_configured

@@ -6,26 +6,19 @@ while one worker is SIGKILLed in the middle of a batch and the other takes over 
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import os
-import random
 import signal
 import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import redis
-from PIL import Image
 
-from model.sampling import SamplerConfig
-from service.broker import GROUP, Keys
-from service.codecs import decode_image, to_uint8
+from service.broker_protocol import GROUP, Keys
 from service.launcher import Proc, free_port, start_api, start_worker, stop_process, stop_processes
 from service.runtimes.onnxruntime import OnnxRuntime
-from tests.service.payloads import image_bytes, latent_json
+from tests.service.mixed_traffic import MixedRequests
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 60
@@ -38,10 +31,6 @@ def metric_total(text: str, name: str, task: str) -> float:
         if line.startswith(name + "{") and f'task="{task}"' in line:
             total += float(line.rsplit(" ", 1)[1])
     return total
-
-
-def pixels(png_b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(png_b64))).convert("RGB")).transpose(2, 0, 1)
 
 
 def test_two_replicas_two_workers_survive_a_killed_worker(
@@ -111,60 +100,10 @@ def _wait_ready(api_ports: list[int], processes: list[Proc]) -> None:
 
 
 async def _traffic(api_ports: list[int], workers: list[Proc], url: str, runtime: OnnxRuntime) -> None:
-    rng = random.Random(0)
-    kinds = [("encode", "decode", "generate")[i % 3] for i in range(REQUESTS)]
-    rng.shuffle(kinds)
-    cfg = SamplerConfig(sampler="euler", steps=STEPS, cfg_scale=2.0)
-    expected: list[object] = []
-    requests: list[tuple[str, dict]] = []
-    for i, kind in enumerate(kinds):
-        if kind == "encode":
-            data = image_bytes(24, 20, seed=i)
-            image = decode_image(data, 16, 10**6)[None].astype(np.float32) / 255
-            expected.append(runtime.encode(image)[0])
-            requests.append(("/v1/encode", {"files": {"file": data}}))
-        elif kind == "decode":
-            z = np.random.default_rng(i).standard_normal((4, 4, 4)).astype(np.float32)
-            expected.append(to_uint8(runtime.decode(z[None]))[0])
-            requests.append(("/v1/decode", {"json": latent_json(z)}))
-        else:
-            expected.append((i % 3, 1000 + i))
-            body = {
-                "class_label": i % 3,
-                "seed": 1000 + i,
-                "steps": STEPS,
-                "cfg_scale": 2.0,
-                "sampler": "euler",
-            }
-            requests.append(("/v1/generate", {"json": body}))
-
-    limits = httpx.Limits(max_connections=REQUESTS)
-    async with httpx.AsyncClient(timeout=90, limits=limits) as http:
-        tasks = [
-            asyncio.create_task(http.post(f"http://127.0.0.1:{api_ports[i % 2]}{path}", **kwargs))
-            for i, (path, kwargs) in enumerate(requests)
-        ]
-        await asyncio.to_thread(_kill_mid_batch, workers[0], url)
-        responses = await asyncio.gather(*tasks)
-
-    generated = [(i, e) for i, e in enumerate(expected) if kinds[i] == "generate"]
-    labels = np.array([e[0] for _, e in generated])
-    seeds = np.array([e[1] for _, e in generated])
-    images = to_uint8(runtime.generate(labels, seeds, cfg))
-    reference = dict(zip([i for i, _ in generated], images, strict=True))
-    for i, response in enumerate(responses):
-        assert response.status_code == 200, (
-            f"request {i} ({kinds[i]}): {response.status_code} {response.text}"
-        )
-        body = response.json()
-        if kinds[i] == "encode":
-            got = np.frombuffer(base64.b64decode(body["data"]), "<f4").reshape(body["shape"])[0]
-            assert np.abs(got - expected[i]).max() < 1e-6, f"encode {i} got another caller's result"
-        elif kinds[i] == "decode":
-            assert np.array_equal(pixels(body["images"][0]["png"]), expected[i]), f"decode {i} mismatch"
-        else:
-            assert body["images"][0]["seed"] == expected[i][1]
-            assert np.array_equal(pixels(body["images"][0]["png"]), reference[i]), f"generate {i} mismatch"
+    mixed = MixedRequests(runtime, REQUESTS, STEPS)
+    sending = asyncio.create_task(mixed.send([f"http://127.0.0.1:{port}" for port in api_ports]))
+    await asyncio.to_thread(_kill_mid_batch, workers[0], url)
+    mixed.check(await sending)
 
 
 def _kill_mid_batch(worker: Proc, url: str) -> None:

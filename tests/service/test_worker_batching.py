@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.broker import GROUP, now_ms
+from service.broker_protocol import GROUP, now_ms
 from service.codecs import to_uint8
 from service.redis_server import RedisServer
 from service.runtimes.onnxruntime import OnnxRuntime

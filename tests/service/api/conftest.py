@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from export.repository import ModelConfig
 from service.api.state import AppState
 from service.app import build_app
-from service.broker import Reply
+from service.broker_protocol import Reply
 from service.errors import QueueFull
 from service.settings import Settings
 

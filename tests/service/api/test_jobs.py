@@ -7,7 +7,7 @@ from fastapi.testclient import TestClient
 
 from service.api.jobs import check_cost, request_deadline
 from service.api.state import AppState
-from service.broker import now_ms
+from service.broker_protocol import now_ms
 from service.errors import BadInput
 
 
