@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .autoencoders import AutoencoderConfig, latent_shape
 from .lightningdit import DiTConfig, dit_config
 from .pae import PAEConfig
 from .sampling import SamplerConfig
@@ -40,7 +41,11 @@ FASHION_MNIST_CLASSES = (
 @dataclass(frozen=True)
 class Preset:
     """A complete system as the service sees it: tokenizer, generator, sampler defaults and the classes
-    it generates. How a preset is trained (its recipe) lives in `training.recipes`."""
+    it generates. How a preset is trained (its recipe) lives in `training.recipes`.
+
+    `autoencoder` picks the latent the generator models: PAE's (every shipped preset) or, for the
+    headline comparison, RAE's or a KL autoencoder's, built from the same `pae` settings.
+    """
 
     name: str
     pae: PAEConfig
@@ -48,20 +53,26 @@ class Preset:
     sampler: SamplerConfig
     dataset: str
     class_names: tuple[str, ...] = field(default=())
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
 
     def __post_init__(self) -> None:
-        if self.dit.in_channels != self.pae.latent_dim:
+        channels, grid, _ = self.latent_shape
+        if self.dit.in_channels != channels:
             raise ValueError(
-                f"{self.name}: DiT in_channels {self.dit.in_channels} != latent_dim {self.pae.latent_dim}"
+                f"{self.name}: DiT in_channels {self.dit.in_channels} != the {self.autoencoder.kind} "
+                f"latent's {channels} channels"
             )
-        if self.dit.input_size != self.pae.latent_grid:
-            raise ValueError(
-                f"{self.name}: DiT input size {self.dit.input_size} != latent grid {self.pae.latent_grid}"
-            )
+        if self.dit.input_size != grid:
+            raise ValueError(f"{self.name}: DiT input size {self.dit.input_size} != latent grid {grid}")
         if len(self.class_names) != self.dit.num_classes:
             raise ValueError(
                 f"{self.name}: {len(self.class_names)} class names for {self.dit.num_classes} classes"
             )
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(channels, grid, grid) of the latent the generator models."""
+        return latent_shape(self.autoencoder, self.pae)
 
 
 def weights_dir(folder: str) -> str:
