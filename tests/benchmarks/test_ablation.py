@@ -418,6 +418,7 @@ def finite_numbers(obj: Any) -> list[float]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # four arms through every stage twice: ~6 min idle, far longer on a busy box
 def test_micro_budget_end_to_end(tmp_path: Path) -> None:
     out, results = tmp_path / "run", tmp_path / "results"
     argv = [

@@ -132,7 +132,8 @@ def _clip(params: list[nn.Parameter], max_norm: float | None) -> torch.Tensor | 
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    """Train the tokenizer; writes `pae.safetensors`, `pae_ema.safetensors`; returns the stage record."""
+    """Train the tokenizer; writes its live and EMA weights (`pae[_ema].safetensors`, or the comparison
+    autoencoder's `autoencoder_files`); returns the stage record."""
     return fit(ctx)[0]
 
 
