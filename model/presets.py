@@ -59,8 +59,8 @@ class Preset:
         channels, grid, _ = self.latent_shape
         if self.dit.in_channels != channels:
             raise ValueError(
-                f"{self.name}: DiT in_channels {self.dit.in_channels} != the {self.autoencoder.kind} "
-                f"latent's {channels} channels"
+                f"{self.name}: DiT in_channels {self.dit.in_channels} != latent_dim {channels} "
+                f"(the {self.autoencoder.kind} latent's channels)"
             )
         if self.dit.input_size != grid:
             raise ValueError(f"{self.name}: DiT input size {self.dit.input_size} != latent grid {grid}")

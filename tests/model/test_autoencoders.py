@@ -152,7 +152,7 @@ def test_a_preset_picks_its_latent_and_checks_the_dit_fits() -> None:
     assert base.autoencoder.kind == "pae" and base.latent_shape == (16, 8, 8)
     assert _preset("rae").latent_shape == (112, 8, 8)
     assert _preset("vae").latent_shape == (16, 8, 8)
-    with pytest.raises(ValueError, match="112 channels"):
+    with pytest.raises(ValueError, match=r"in_channels 16 != latent_dim 112 \(the rae latent"):
         dataclasses.replace(base, autoencoder=AutoencoderConfig(kind="rae"))
     with pytest.raises(ValueError, match="kind"):
         AutoencoderConfig(kind="vqgan")
