@@ -28,10 +28,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from model.autoencoders import AutoencoderConfig, build_autoencoder
 from model.hashing import sha256_file
+from model.kl_autoencoder import KLAutoencoder
 from model.lightningdit import DiTConfig, LightningDiT
 from model.pae import PAE, PAEConfig
 from model.presets import Preset, get_preset
+from model.rae import RAE
 from model.vfm import FrozenVFM, build_vfm
 
 CONFIG_FILE = "config.json"
@@ -46,6 +49,15 @@ REFINE_FILE = "refine.safetensors"  # the refine stage's projector and deproject
 SERVED_PAE_FILES = (PAE_EMA_FILE, PAE_FILE)
 # The sections of config.json that describe the model: fields of `Preset` holding config dataclasses.
 MODEL_SECTIONS = ("pae", "dit", "sampler")
+# Written only for a latent other than PAE's (the comparison autoencoders), so PAE checkpoints keep
+# exactly the sections above.
+AUTOENCODER_SECTION = "autoencoder"
+
+
+def autoencoder_files(kind: str) -> tuple[str, str]:
+    """(live, EMA) weight files of the tokenizer stage's autoencoder: PAE's, or `rae`/`vae` ones, so
+    a directory never holds one family's weights under another's name."""
+    return (PAE_FILE, PAE_EMA_FILE) if kind == "pae" else (f"{kind}.safetensors", f"{kind}_ema.safetensors")
 
 
 class CheckpointError(RuntimeError):
@@ -225,7 +237,10 @@ def load_state(module: nn.Module, tensors: Mapping[str, torch.Tensor], what: str
 
 def preset_config(preset: Preset) -> dict[str, Any]:
     """The model sections of `config.json` for a resolved preset (what `preset_from_config` reads)."""
-    return {"preset": preset.name, **{key: to_jsonable(getattr(preset, key)) for key in MODEL_SECTIONS}}
+    out = {"preset": preset.name, **{key: to_jsonable(getattr(preset, key)) for key in MODEL_SECTIONS}}
+    if preset.autoencoder.kind != "pae":
+        out[AUTOENCODER_SECTION] = to_jsonable(preset.autoencoder)
+    return out
 
 
 def read_section(config: Mapping[str, Any], key: str, where: str = CONFIG_FILE) -> Any:
@@ -247,6 +262,10 @@ def preset_from_config(config: Mapping[str, Any], where: str = CONFIG_FILE) -> P
     except ValueError as exc:
         raise CheckpointError(f"{where}: {exc}") from exc
     overrides = {key: read_section(config, key, where) for key in MODEL_SECTIONS if key in config}
+    if AUTOENCODER_SECTION in config:
+        overrides[AUTOENCODER_SECTION] = from_jsonable(
+            AutoencoderConfig, config[AUTOENCODER_SECTION], f"{where}:{AUTOENCODER_SECTION}"
+        )
     try:
         return dataclasses.replace(base, **overrides)
     except ValueError as exc:
@@ -258,6 +277,13 @@ def load_pae(path: Path, cfg: PAEConfig, vfm: FrozenVFM | None = None) -> PAE:
     pae = PAE(cfg, vfm)
     load_state(pae, load_tensors(path), str(path))
     return pae.eval()
+
+
+def load_autoencoder(path: Path, preset: Preset, vfm: FrozenVFM | None = None) -> PAE | RAE | KLAutoencoder:
+    """The preset's autoencoder (PAE, RAE or KL) with the weights of `path`, in eval mode."""
+    model = build_autoencoder(preset.autoencoder, preset.pae, vfm if preset.autoencoder.uses_vfm else None)
+    load_state(model, load_tensors(path), str(path))
+    return model.eval()
 
 
 def load_dit(path: Path, cfg: DiTConfig) -> LightningDiT:
@@ -312,6 +338,10 @@ def load_checkpoint(directory: Path) -> LoadedCheckpoint:
         raise CheckpointError(f"{directory} has no {CONFIG_FILE}")
     config_path = directory / CONFIG_FILE
     preset = preset_from_config(read_json(config_path), str(config_path))
+    if preset.autoencoder.kind != "pae":
+        raise CheckpointError(
+            f"{directory} holds a {preset.autoencoder.kind} comparison model; only PAE checkpoints are served"
+        )
     pae_path = served_pae_file(directory)
     if pae_path is None:
         raise CheckpointError(f"{directory} has neither {' nor '.join(SERVED_PAE_FILES)}")

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .autoencoders import AutoencoderConfig, latent_shape
 from .lightningdit import DiTConfig, dit_config
 from .pae import PAEConfig
 from .sampling import RELEASE_SAMPLERS, SamplerConfig
@@ -44,6 +45,9 @@ class Preset:
 
     `sampler_presets` are named sampler settings a served model offers besides its default `sampler`
     (a request picks one by name); the paper presets carry the release's three (paper §3.6–3.7).
+
+    `autoencoder` picks the latent the generator models: PAE's (every shipped preset) or, for the
+    headline comparison, RAE's or a KL autoencoder's, built from the same `pae` settings.
     """
 
     name: str
@@ -53,23 +57,29 @@ class Preset:
     dataset: str
     class_names: tuple[str, ...] = field(default=())
     sampler_presets: Mapping[str, SamplerConfig] = field(default_factory=dict)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
 
     def __post_init__(self) -> None:
         for key, value in self.sampler_presets.items():
             if not (isinstance(key, str) and key) or not isinstance(value, SamplerConfig):
                 raise ValueError(f"{self.name}: sampler_presets maps names to SamplerConfig, got {key!r}")
-        if self.dit.in_channels != self.pae.latent_dim:
+        channels, grid, _ = self.latent_shape
+        if self.dit.in_channels != channels:
             raise ValueError(
-                f"{self.name}: DiT in_channels {self.dit.in_channels} != latent_dim {self.pae.latent_dim}"
+                f"{self.name}: DiT in_channels {self.dit.in_channels} != latent_dim {channels} "
+                f"(the {self.autoencoder.kind} latent's channels)"
             )
-        if self.dit.input_size != self.pae.latent_grid:
-            raise ValueError(
-                f"{self.name}: DiT input size {self.dit.input_size} != latent grid {self.pae.latent_grid}"
-            )
+        if self.dit.input_size != grid:
+            raise ValueError(f"{self.name}: DiT input size {self.dit.input_size} != latent grid {grid}")
         if len(self.class_names) != self.dit.num_classes:
             raise ValueError(
                 f"{self.name}: {len(self.class_names)} class names for {self.dit.num_classes} classes"
             )
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(channels, grid, grid) of the latent the generator models."""
+        return latent_shape(self.autoencoder, self.pae)
 
 
 def weights_dir(folder: str) -> str:

@@ -10,10 +10,12 @@ same settings. Large regenerable data (VFM feature cache, refined targets, laten
 `--cache` (default $PAE_CACHE_DIR or ~/.cache/pae).
 
 `--set section.field=value` overrides a field, typed by its dataclass. The architecture sections are
-`pae`, `dit` and `sampler` (`pae.latent_dim=8`, `dit.depth=4`, `sampler.steps=50`); the training
-recipe's are named after the stages that read them (`refine.depth=4`, `tokenizer.steps=200`,
-`generator.lr=1e-4`, `evaluate.gen_num_samples=500`), plus `data.train_per_class`. Inside a single
-stage its own section may be omitted (`pae-train tokenizer … --set steps=200`).
+`pae`, `dit`, `sampler` and `autoencoder` (`pae.latent_dim=8`, `dit.depth=4`, `sampler.steps=50`;
+`autoencoder.kind=rae` or `vae` trains a comparison latent instead of PAE's); the training recipe's
+are named after the stages that read them (`refine.depth=4`, `tokenizer.steps=200`,
+`generator.lr=1e-4`, `evaluate.gen_num_samples=500`), plus `data.train_per_class` and the comparison
+autoencoders' own terms (`rae.noise_tau`, `vae.kl_weight`). Inside a single stage its own section may
+be omitted (`pae-train tokenizer … --set steps=200`).
 
 Distributed: `torchrun --nproc_per_node=2 -m training.cli tokenizer ...` (DDP; gloo on CPU, NCCL on
 CUDA; only rank 0 writes).

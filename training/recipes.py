@@ -201,14 +201,42 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class RAETrainConfig:
+    """What the tokenizer stage adds to L1 + LPIPS + GAN when the latent is RAE's
+    (`autoencoder.kind=rae`): the decoder sees z + σ·ε with σ ~ U(0, `noise_tau`) per image (RAE,
+    arXiv 2510.11690, §3.2: τ = 0.8), so it decodes the diffusion model's slightly-off latents well."""
+
+    noise_tau: float = 0.8
+
+    def __post_init__(self) -> None:
+        check.non_negative_numbers(self, "noise_tau")
+
+
+@dataclass(frozen=True)
+class VAETrainConfig:
+    """What the tokenizer stage adds to L1 + LPIPS + GAN when the latent is a KL autoencoder's
+    (`autoencoder.kind=vae`): `kl_weight`·KL in LDM's convention (arXiv 2112.10752: 1e-6 against
+    a reconstruction loss summed over pixels), so a small weight that keeps the latent's scale in
+    check without trading reconstruction for a Gaussian-looking latent."""
+
+    kl_weight: float = 1e-6
+
+    def __post_init__(self) -> None:
+        check.non_negative_numbers(self, "kl_weight")
+
+
+@dataclass(frozen=True)
 class Recipe:
-    """Everything that says how a preset is trained, one section per stage that reads it."""
+    """Everything that says how a preset is trained, one section per stage that reads it (`rae` and
+    `vae` are read by the tokenizer stage when the preset's latent is theirs)."""
 
     refine: RefineConfig
     tokenizer: TokenizerTrainConfig
     generator: GeneratorTrainConfig
     evaluate: EvaluateConfig
     data: DataConfig = DataConfig()
+    rae: RAETrainConfig = RAETrainConfig()
+    vae: VAETrainConfig = VAETrainConfig()
 
 
 # ImageNet at global batch 512: one epoch is 2502 steps.

@@ -106,7 +106,7 @@ def run_arm(plan: Plan, seed: int, arm: str, probe_for: Any) -> dict[str, Any]:
         if resume_step(directory, "generator") != stop:
             raise CheckpointError(f"{directory}: the DiT did not pause at step {stop}")
         t0 = time.perf_counter()
-        pae = assets.load_pae(dit_ctx, ema=True)
+        pae = assets.load_autoencoder(dit_ctx, ema=True)
         mean, std = assets.load_latent_stats(dit_ctx)
         state["curve"][str(stop)] = probe(ema_dit_at_resume(dit_ctx), pae, dit_ctx.preset.sampler, mean, std)
         say(f"seed {seed} {arm}: DiT step {stop}: FD {state['curve'][str(stop)]:.4g}")
@@ -137,7 +137,7 @@ def run_arm(plan: Plan, seed: int, arm: str, probe_for: Any) -> dict[str, Any]:
             continue
         t0 = time.perf_counter()
         if dit is None:
-            dit, pae = assets.load_dit_ema(eval_ctx), assets.load_pae(eval_ctx, ema=True)
+            dit, pae = assets.load_dit_ema(eval_ctx), assets.load_autoencoder(eval_ctx, ema=True)
             mean, std = assets.load_latent_stats(eval_ctx)
         state["few_step"][str(steps)] = probe(dit, pae, dataclasses.replace(sampler, steps=steps), mean, std)
         say(f"seed {seed} {arm}: {steps} sampler steps: FD {state['few_step'][str(steps)]:.4g}")

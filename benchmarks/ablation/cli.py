@@ -11,7 +11,7 @@ import torch
 
 from benchmarks.ablation.budgets import ARMS, BUDGETS
 from benchmarks.ablation.plan import AblationError, Plan, say
-from benchmarks.ablation.report import render_claims, render_table, write_report
+from benchmarks.ablation.report import render_claims, render_curves, render_table, write_report
 from benchmarks.ablation.runner import run
 from benchmarks.machine import RESULTS
 from model.presets import PRESETS
@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     for path in write_report(report, targets, results_name):
         say(f"wrote {path}")
     print(render_table(report))
+    print()
+    print(render_curves(report))
     print()
     print(render_claims(report))
     return 0

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
+from model.autoencoders import Autoencoder
 from model.checkpoint import CheckpointError, load_tensors, read_metadata, save_tensors
 from model.lightningdit import LightningDiT
-from model.pae import PAE
 from model.sampling import SamplerConfig
 from training.checkpoint import resume_dir
 from training.data import LabeledImages
@@ -40,7 +40,7 @@ class FDProbe:
     def __call__(
         self,
         dit: LightningDiT,
-        pae: PAE,
+        pae: Autoencoder,
         sampler: SamplerConfig,
         mean: torch.Tensor,
         std: torch.Tensor,

@@ -3,6 +3,7 @@ is configured; the judge every arm shares."""
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 from benchmarks.ablation.budgets import ARMS, Budget, budget_sets
 from model import checkpoint
+from model.presets import Preset
 from training.distributed import DistEnv
 from training.recipes import get_recipe
 from training.stages.context import StageContext, resolve_context
@@ -43,9 +45,14 @@ class Plan:
     extra_sets: dict[str, str] = field(default_factory=dict)
 
     def sets(self, arm: str) -> dict[str, str]:
-        """Budget overrides, then the caller's `--set`, then the arm's zeroed loss weights: a
-        `--set tokenizer.ssr_weight=…` changes SSR's weight in the arms that train with SSR only."""
-        return {**budget_sets(self.budget, get_recipe(self.preset)), **self.extra_sets, **ARMS[arm]}
+        """Budget overrides, then the caller's `--set`, then the arm's own (zeroed loss weights, its
+        latent): a `--set tokenizer.ssr_weight=…` changes SSR's weight in the arms that train with SSR
+        only. An RAE arm's DiT is widened when RAE's rule asks for it (`rae_dit_width`)."""
+        sets = {**budget_sets(self.budget, get_recipe(self.preset)), **self.extra_sets, **ARMS[arm]}
+        if ARMS[arm].get("autoencoder.kind") == "rae":
+            probe = resolve_context(self.preset, self.out, sets, "generator", self.env)
+            sets.update(rae_dit_width(probe.preset))
+        return sets
 
     def runs(self) -> list[tuple[int, str]]:
         """(seed, arm) pairs in the order they train: every arm at the first seed, then the rest."""
@@ -86,6 +93,18 @@ class Plan:
             "dataset": self.dataset or self.budget.dataset,
             "data_root": self.data_root,
         }
+
+
+def rae_dit_width(preset: Preset) -> dict[str, str]:
+    """RAE's rule (arXiv 2510.11690, §4: a DiT narrower than the token width cannot fit RAE latents):
+    the `dit.hidden` override that makes the width at least the latent's channel count, the next
+    multiple of what the heads and the 2-D sin-cos table need; {} when the preset's DiT is wide enough
+    (the default: 192 ≥ 112, so the RAE arm's DiT is everyone's)."""
+    channels, dit = preset.latent_shape[0], preset.dit
+    if dit.hidden >= channels:
+        return {}
+    step = math.lcm(dit.heads, 4)
+    return {"dit.hidden": str(-(-channels // step) * step)}
 
 
 def shipped_classifier(plan: Plan) -> Path | None:

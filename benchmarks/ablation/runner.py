@@ -38,6 +38,28 @@ def _loss_weights(plan: Plan, arm: str) -> dict[str, float]:
     return {"ssr": tok.ssr_weight, "mcr": tok.mcr_weight, "scr": tok.scr_weight}
 
 
+def latent_info(plan: Plan, arm: str) -> dict[str, Any]:
+    """The arm's latent and the DiT that models it: autoencoder, latent shape, DiT width and input
+    channels, and RAE's width rule (DiT width >= latent channels; see `rae_dit_width`)."""
+    ctx = plan.context(plan.arm_dir(plan.seeds[0], arm), arm, "generator", plan.seeds[0])
+    p = ctx.preset
+    channels = p.latent_shape[0]
+    info: dict[str, Any] = {
+        "autoencoder": p.autoencoder.kind,
+        "latent_shape": list(p.latent_shape),
+        "dit_hidden": p.dit.hidden,
+        "dit_in_channels": p.dit.in_channels,
+        "width_rule_holds": p.dit.hidden >= channels,
+        "dit_widened": "dit.hidden" in plan.sets(arm) and "dit.hidden" not in plan.extra_sets,
+    }
+    if p.autoencoder.kind == "rae":
+        info["noise_tau"] = ctx.recipe.rae.noise_tau
+    if p.autoencoder.kind == "vae":
+        info["kl_weight"] = ctx.recipe.vae.kl_weight
+        info["vae_channels"] = list(p.autoencoder.vae_channels)
+    return info
+
+
 def run(plan: Plan, threads: int) -> dict[str, Any]:
     """Every (seed, arm), then the report: numbers, claims, protocol and wall times."""
     started = time.perf_counter()
@@ -81,6 +103,7 @@ def run(plan: Plan, threads: int) -> dict[str, Any]:
         "curve_steps": [*curve_stops(dit_steps, plan.budget.curve_points), dit_steps],
         "seeds": {arm: sorted(per_seed[arm]) for arm in per_seed},
         "loss_weights": {arm: _loss_weights(plan, arm) for arm in plan.arms},
+        "latents": {arm: latent_info(plan, arm) for arm in plan.arms},
         "fd": {
             "network": FD_NETWORK,
             "num_samples": recipe.evaluate.gen_num_samples,

@@ -4,6 +4,7 @@ pipeline end to end on MNIST-5k into a well-formed, finite report."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -17,12 +18,22 @@ from benchmarks.ablation.budgets import ARMS, BUDGETS, Budget, budget_sets, curv
 from benchmarks.ablation.claims import evaluate_claims
 from benchmarks.ablation.cli import main
 from benchmarks.ablation.fd_probe import FDProbe, reference_stats
-from benchmarks.ablation.plan import Plan, shipped_classifier
-from benchmarks.ablation.report import finite_json, plot_curves, render_claims, render_table, write_report
+from benchmarks.ablation.plan import Plan, rae_dit_width, shipped_classifier
+from benchmarks.ablation.report import (
+    finite_json,
+    plot_curves,
+    render_claims,
+    render_curves,
+    render_table,
+    write_report,
+)
+from model.autoencoders import AutoencoderConfig
+from model.presets import get_preset
 from training.distributed import DistEnv
 from training.metrics.frechet import EfficientNetLite2Features
 from training.recipes import get_recipe
 from training.stages import assets
+from training.stages.context import resolve_context
 
 CPU1 = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 FEW = ("5", "10", "15", "25", "50", "100")
@@ -158,7 +169,41 @@ def test_arms_differ_only_in_their_loss_weights(tmp_path: Path) -> None:
         "mcr": (0.0, mcr, 0.0),
         "scr": (0.0, 0.0, scr),
         "pae": (ssr, mcr, scr),
+        "rae": (0.0, 0.0, 0.0),
+        "vae": (0.0, 0.0, 0.0),
     }
+
+
+def test_headline_arms_change_the_latent_and_nothing_else(tmp_path: Path) -> None:
+    plan = plan_for("quick", tmp_path)
+    assert plan.arms == ("baseline", "pae", "rae", "vae") == BUDGETS["quick"].seeded_arms
+    base = plan.context(tmp_path / "b", "baseline", "generator", 0)
+    for arm, kind, shape in (("rae", "rae", (112, 8, 8)), ("vae", "vae", (16, 8, 8))):
+        ctx = plan.context(tmp_path / arm, arm, "generator", 0)
+        assert ctx.preset.autoencoder.kind == kind and ctx.preset.latent_shape == shape
+        # The baseline's budget, schedule and loss weights; the VAE's learning rate is its own.
+        lr = "1e-3" if arm == "vae" else str(base.recipe.tokenizer.lr)
+        assert (
+            ctx.recipe
+            == resolve_context(
+                "fmnist32-tiny", tmp_path, {**plan.sets("baseline"), "tokenizer.lr": lr}, "generator", CPU1
+            ).recipe
+        )
+        # The same DiT: RAE's width rule (192 >= 112) needs no widening at this preset.
+        assert dataclasses.replace(ctx.preset.dit, in_channels=16) == base.preset.dit
+        assert "dit.hidden" not in plan.sets(arm)
+
+
+def test_rae_width_rule_widens_a_narrow_dit_only() -> None:
+    preset = get_preset("fmnist32-tiny")
+    rae = dataclasses.replace(
+        preset,
+        autoencoder=AutoencoderConfig(kind="rae"),
+        dit=dataclasses.replace(preset.dit, in_channels=112),
+    )
+    assert rae_dit_width(rae) == {}
+    narrow = dataclasses.replace(rae, dit=dataclasses.replace(rae.dit, hidden=96))
+    assert rae_dit_width(narrow) == {"dit.hidden": "120"}  # the next multiple of lcm(3 heads, 4) >= 112
 
 
 def test_extra_weight_sets_never_switch_on_a_term_an_arm_lacks(tmp_path: Path) -> None:
@@ -173,8 +218,9 @@ def test_extra_weight_sets_never_switch_on_a_term_an_arm_lacks(tmp_path: Path) -
 def test_extra_seeds_train_only_the_seeded_arms(tmp_path: Path) -> None:
     plan = plan_for("full", tmp_path, seeds=(0, 1, 2))
     runs = plan.runs()
-    assert runs[:5] == [(0, a) for a in ("baseline", "ssr", "mcr", "scr", "pae")]
-    assert runs[5:] == [(1, "baseline"), (1, "pae"), (2, "baseline"), (2, "pae")]
+    assert runs[:7] == [(0, a) for a in ("baseline", "ssr", "mcr", "scr", "pae", "rae", "vae")]
+    headline = ("baseline", "pae", "rae", "vae")
+    assert runs[7:] == [(1, a) for a in headline] + [(2, a) for a in headline]
 
 
 @pytest.mark.parametrize(
@@ -268,6 +314,21 @@ def test_claims_fail_or_stay_open_honestly() -> None:
         assert claims[key]["pass"] is None and "not measured" in claims[key]["note"]
 
 
+def test_headline_claims_compare_pae_with_rae_and_vae() -> None:
+    arms, few = combine({"pae": {0: fake_run(2.0), 1: fake_run(2.0)}, "rae": {0: fake_run(1.0)}})
+    claims = evaluate_claims(arms, few, dit_steps=600)
+    conv = claims["converges_4x_faster_than_rae"]
+    # PAE's curve (50, 35, 25, 20) is below RAE's final 40 at step 300: twice as fast, not four times.
+    assert conv["compared"]["pae_steps_to_reach"] == 300 and conv["compared"]["rae_final_fd"] == 40.0
+    assert conv["pass"] is False and conv["compared"]["speedup_at_least"] == pytest.approx(2.0)
+    assert claims["gen_fd_le_rae"]["pass"] is True
+    assert claims["gen_fd_le_rae"]["compared"]["ratio"] == pytest.approx(0.5)
+    assert claims["gen_fd_le_vae"]["pass"] is None and "vae" in claims["gen_fd_le_vae"]["note"]
+    arms, few = combine({"pae": {0: fake_run(1.0)}, "vae": {0: fake_run(1.25)}})
+    worse = evaluate_claims(arms, few, dit_steps=600)["gen_fd_le_vae"]
+    assert worse["pass"] is False and worse["compared"]["ratio"] == pytest.approx(1.25)
+
+
 def test_fd_claim_reports_the_excess_over_the_real_floor_but_judges_raw_fds() -> None:
     arms, few = combine({"baseline": {0: fake_run(1.0)}, "pae": {0: fake_run(1.25)}})
     claims = evaluate_claims(arms, few, dit_steps=600, floor=20.0)
@@ -293,7 +354,13 @@ def test_missing_or_non_finite_values_never_pass_or_break_the_json() -> None:
 
 
 def test_table_claims_and_plot_render(tmp_path: Path) -> None:
-    arms, few = combine({"baseline": {0: fake_run(1.0), 1: fake_run(1.2)}, "pae": {0: fake_run(2.5)}})
+    arms, few = combine(
+        {
+            "baseline": {0: fake_run(1.0), 1: fake_run(1.2)},
+            "pae": {0: fake_run(2.5)},
+            "rae": {0: fake_run(2.0)},
+        }
+    )
     report = {
         "budget": {
             "name": "quick",
@@ -301,7 +368,9 @@ def test_table_claims_and_plot_render(tmp_path: Path) -> None:
             "train_per_class": 2000,
             "tokenizer_steps": 400,
             "dit_steps": 600,
-            "seeds": {"baseline": [0, 1], "pae": [0]},
+            "curve_steps": [150, 300, 450, 600],
+            "latents": {"rae": {"latent_shape": [112, 8, 8], "dit_hidden": 192}},
+            "seeds": {"baseline": [0, 1], "pae": [0], "rae": [0]},
             "fd": {
                 "network": "efficientnet-lite2",
                 "num_samples": 250,
@@ -322,7 +391,11 @@ def test_table_claims_and_plot_render(tmp_path: Path) -> None:
     baseline_row = next(line for line in table if line.startswith("| none"))
     assert "36.67 ± 4.71" in baseline_row  # gFD mean ± sample std of 40 and 33.3
     assert table[3].startswith("| SSR + MCR + SCR (PAE) | ✓ | ✓ | ✓ |")
+    assert table[4].startswith("| RAE: frozen VFM tokens + decoder |  |  |  |")
     assert "held-out real images (test[500:750]) score gFD 24.50" in table[-1]
+    curves = render_curves(report).splitlines()
+    assert curves[0] == "| arm | latent | DiT width | FD @ 150 | FD @ 300 | FD @ 450 | FD @ 600 |"
+    assert curves[-1] == "| RAE: frozen VFM tokens + decoder | 112×8×8 | 192 | 50.0 | 35.0 | 25.0 | 20.0 |"
     claims = render_claims(report)
     assert "[PASS] gen_fd_halved" in claims and "[n/a ] ssr_raises_ssc" in claims
     plot_curves(report, tmp_path / "curve.png")
@@ -345,6 +418,7 @@ def finite_numbers(obj: Any) -> list[float]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # four arms through every stage twice: ~6 min idle, far longer on a busy box
 def test_micro_budget_end_to_end(tmp_path: Path) -> None:
     out, results = tmp_path / "run", tmp_path / "results"
     argv = [
@@ -370,7 +444,10 @@ def test_micro_budget_end_to_end(tmp_path: Path) -> None:
     floor = report["budget"]["fd"]["real_floor"]
     assert floor["images"] == "test[8:12]" and math.isfinite(floor["fd"]) and floor["fd"] > 0
     assert report["claims"]["gen_fd_halved"]["compared"]["real_floor"] == floor["fd"]
-    assert set(report["arms"]) == {"baseline", "pae"}
+    assert set(report["arms"]) == {"baseline", "pae", "rae", "vae"}
+    latents = report["budget"]["latents"]
+    assert latents["rae"]["latent_shape"] == [112, 8, 8] and latents["vae"]["latent_shape"] == [16, 8, 8]
+    assert latents["rae"]["width_rule_holds"] and not latents["rae"]["dit_widened"]
     for arm, entry in report["arms"].items():
         assert set(entry["recon"]) == {"psnr", "rfd"}
         assert set(entry["latent"]) == {"ssc", "lpc", "gsq", "erank"}
@@ -388,15 +465,21 @@ def test_micro_budget_end_to_end(tmp_path: Path) -> None:
         "scr_raises_gsq",
         "converges_4x_faster",
         "few_step_15_vs_100",
+        "converges_4x_faster_than_rae",
+        "gen_fd_le_rae",
+        "gen_fd_le_vae",
     }
     assert all(
         c["pass"] in (True, False)
         for k, c in report["claims"].items()
-        if k in ("gen_fd_halved", "few_step_15_vs_100")
+        if k in ("gen_fd_halved", "few_step_15_vs_100", "gen_fd_le_rae", "gen_fd_le_vae")
     )
     # Only the arms that read refined targets got them, from one shared refine run.
     assert (out / "seed0" / "pae" / "refine.safetensors").is_file()
     assert not (out / "seed0" / "baseline" / "refine.safetensors").exists()
+    assert not (out / "seed0" / "rae" / "refine.safetensors").exists()
+    assert (out / "seed0" / "rae" / "rae_ema.safetensors").is_file()
+    assert (out / "seed0" / "vae" / "vae_ema.safetensors").is_file()
 
     # The harness's FD probe reproduces the evaluate stage's gen.fd from the final DiT.
     plan = plan_for("micro", out)
@@ -405,7 +488,7 @@ def test_micro_budget_end_to_end(tmp_path: Path) -> None:
     network = EfficientNetLite2Features()
     probe = FDProbe(network, reference_stats(ctx, network, out / "reference_test_8.safetensors"), ctx)
     mean, std = assets.load_latent_stats(ctx)
-    fd = probe(assets.load_dit_ema(ctx), assets.load_pae(ctx), ctx.preset.sampler, mean, std)
+    fd = probe(assets.load_dit_ema(ctx), assets.load_autoencoder(ctx), ctx.preset.sampler, mean, std)
     assert fd == pytest.approx(report["arms"]["pae"]["gen"]["fd"], rel=1e-6)
 
     # Rerunning resumes: nothing retrains, the numbers are the same; other settings are refused.

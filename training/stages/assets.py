@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from model import checkpoint
+from model.autoencoders import Autoencoder
 from model.checkpoint import CheckpointError, save_tensors
 from model.lightningdit import LightningDiT
-from model.pae import PAE
 from model.vfm import FrozenVFM, build_vfm
 from training.data import LabeledImages, WithFlips, build_dataset
 from training.data.subset import ClassBalancedSubset
@@ -88,13 +88,20 @@ def save_weights(
     save_tensors(path, tensors, metadata)
 
 
-def load_pae(ctx: StageContext, ema: bool = True, with_vfm: bool = False) -> PAE:
-    """The trained tokenizer from the output dir, in eval mode on this rank's device."""
-    path = ctx.out / (checkpoint.PAE_EMA_FILE if ema else checkpoint.PAE_FILE)
+def autoencoder_path(ctx: StageContext, ema: bool = True) -> Path:
+    """Where the tokenizer stage writes the preset's autoencoder (live or EMA weights)."""
+    live, averaged = checkpoint.autoencoder_files(ctx.preset.autoencoder.kind)
+    return ctx.out / (averaged if ema else live)
+
+
+def load_autoencoder(ctx: StageContext, ema: bool = True, with_vfm: bool = False) -> Autoencoder:
+    """The trained tokenizer (PAE, or the preset's comparison autoencoder) from the output dir, in
+    eval mode on this rank's device."""
+    path = autoencoder_path(ctx, ema)
     if not path.is_file():
         raise CheckpointError(f"{path} not found: run the tokenizer stage into {ctx.out} first")
     vfm = build_vfm(ctx.preset.pae.vfm) if with_vfm else None
-    return checkpoint.load_pae(path, ctx.preset.pae, vfm).to(ctx.env.device)
+    return checkpoint.load_autoencoder(path, ctx.preset, vfm).to(ctx.env.device)
 
 
 def load_dit_ema(ctx: StageContext) -> LightningDiT:
@@ -106,7 +113,7 @@ def load_dit_ema(ctx: StageContext) -> LightningDiT:
 
 def load_latent_stats(ctx: StageContext) -> tuple[torch.Tensor, torch.Tensor]:
     """Channel mean and std (each shape d) of the un-flipped training latents."""
-    return checkpoint.load_latent_stats(ctx.out / checkpoint.LATENT_STATS_FILE, ctx.preset.pae.latent_dim)
+    return checkpoint.load_latent_stats(ctx.out / checkpoint.LATENT_STATS_FILE, ctx.preset.latent_shape[0])
 
 
 def as_grid(t: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from model.autoencoders import latent_shape
 from model.checkpoint import CONFIG_FILE, METRICS_FILE, preset_config, read_json, to_jsonable, update_json
 from model.hashing import sha256_file
 from model.presets import Preset, get_preset
@@ -30,7 +31,7 @@ from training.stages.overrides import apply_overrides
 
 STAGES = ("refine", "tokenizer", "latents", "generator", "evaluate")
 # `--set` sections: the preset's architecture and sampler, then the recipe's, named after their stages.
-ARCHITECTURE_SECTIONS = ("pae", "dit", "sampler")
+ARCHITECTURE_SECTIONS = ("pae", "dit", "sampler", "autoencoder")
 RECIPE_SECTIONS = tuple(f.name for f in dataclasses.fields(Recipe))
 SECTIONS = (*ARCHITECTURE_SECTIONS, *RECIPE_SECTIONS)
 # stage → the (earlier stage, record key) that identify its inputs
@@ -80,10 +81,15 @@ class StageContext:
             "train_per_class": r.data.train_per_class,
             "inputs": self._upstream(stage),
         }
+        kind = p.autoencoder.kind
+        if kind != "pae":
+            # Only another latent names its autoencoder, so PAE runs keep their recorded settings.
+            common["autoencoder"] = to_jsonable(p.autoencoder)
         if stage == "refine":
             return {**common, "refine": to_jsonable(r.refine), "hflip": r.tokenizer.hflip}
         if stage == "tokenizer":
-            return {**common, "tokenizer": to_jsonable(r.tokenizer)}
+            own = {kind: to_jsonable(getattr(r, kind))} if kind != "pae" else {}
+            return {**common, "tokenizer": to_jsonable(r.tokenizer), **own}
         if stage == "latents":
             return common
         if stage == "generator":
@@ -139,7 +145,7 @@ class StageContext:
                     "dataset": p.dataset,
                     "class_names": list(p.class_names),
                     "image_size": p.pae.image_size,
-                    "latent_shape": list(p.pae.latent_shape),
+                    "latent_shape": list(p.latent_shape),
                     "seed": self.seed,
                     "vfm_reference": vfm_reference(p, vfm_fingerprint),
                 },
@@ -207,7 +213,8 @@ def resolve_context(
     Keys are `section.field` with section one of `SECTIONS`: `pae`, `dit` and `sampler` reach the
     preset's architecture, `refine`, `tokenizer`, `generator`, `evaluate` and `data` the recipe
     section of that name; a bare `field` goes to the running stage's own recipe section. Changing
-    `pae.latent_dim` resizes the DiT's input channels with it, so the preset stays consistent.
+    `pae.latent_dim` (or `autoencoder.kind`) resizes the DiT's input channels to the latent's, so the
+    preset stays consistent.
     `dataset` swaps the preset's dataset for another with as many classes (its class names are taken
     from the data).
     """
@@ -229,11 +236,13 @@ def resolve_context(
                 "(e.g. tokenizer.steps=100)"
             )
     pae = apply_overrides(preset.pae, grouped["pae"], "pae")
+    autoencoder = apply_overrides(preset.autoencoder, grouped["autoencoder"], "autoencoder")
     dit = apply_overrides(preset.dit, grouped["dit"], "dit")
-    if pae.latent_dim != dit.in_channels and "in_channels" not in grouped["dit"]:
-        dit = dataclasses.replace(dit, in_channels=pae.latent_dim)
+    channels = latent_shape(autoencoder, pae)[0]
+    if channels != dit.in_channels and "in_channels" not in grouped["dit"]:
+        dit = dataclasses.replace(dit, in_channels=channels)
     sampler = apply_overrides(preset.sampler, grouped["sampler"], "sampler")
-    preset = dataclasses.replace(preset, pae=pae, dit=dit, sampler=sampler)
+    preset = dataclasses.replace(preset, pae=pae, dit=dit, sampler=sampler, autoencoder=autoencoder)
     recipe = dataclasses.replace(
         recipe,
         **{name: apply_overrides(getattr(recipe, name), grouped[name], name) for name in RECIPE_SECTIONS},

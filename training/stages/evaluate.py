@@ -64,7 +64,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     ctx.write_config()
     split = ctx.recipe.evaluate.split
     data = assets.dataset(ctx, split)
-    feats = assets.vfm_features(ctx, assets.frozen_vfm(ctx), data, split, False)  # collective
+    feats = None
+    if ctx.preset.autoencoder.uses_vfm:  # collective
+        feats = assets.vfm_features(ctx, assets.frozen_vfm(ctx), data, split, False)
     if ctx.env.is_main:
         ctx.write_metrics(compute_metrics(ctx, data, feats))
     barrier(ctx.env)
@@ -77,12 +79,13 @@ def _subset(requested: int, available: int) -> int:
 
 
 @torch.no_grad()
-def compute_metrics(ctx: StageContext, data: Any, feats: FeatureCache) -> dict[str, Any]:
-    """Every metric on the evaluation split `data` whose VFM tokens are `feats`."""
+def compute_metrics(ctx: StageContext, data: Any, feats: FeatureCache | None) -> dict[str, Any]:
+    """Every metric on the evaluation split `data` whose VFM tokens are `feats` (None for an
+    autoencoder without a VFM)."""
     cfg, device, preset = ctx.recipe.evaluate, ctx.env.device, ctx.preset
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    pae = assets.load_pae(ctx, ema=True)
+    pae = assets.load_autoencoder(ctx, ema=True)
     lpips_net = LPIPS().to(device)
     network = fd_network(cfg.fd_network).to(device)
     count = _subset(cfg.num_recon, len(data))
@@ -96,7 +99,7 @@ def compute_metrics(ctx: StageContext, data: Any, feats: FeatureCache) -> dict[s
         idx = list(range(start, min(start + cfg.batch_size, count)))
         items = [data[i] for i in idx]
         x = torch.stack([it[0] for it in items]).to(device)
-        z = pae.encode(x, feats[idx].to(device))
+        z = pae.encode(x, None if feats is None else feats[idx].to(device))
         x_hat = pae.decode(z).clamp(0, 1)
         sums["psnr"] += float(psnr(x_hat, x, reduction="none").sum())
         sums["ssim"] += float(ssim(x_hat, x, reduction="none").sum())
@@ -131,7 +134,7 @@ def compute_metrics(ctx: StageContext, data: Any, feats: FeatureCache) -> dict[s
     latent: dict[str, Any] = {"num_samples": count}
     if preset.dataset in MASKED_DATASETS:
         n_ssc = min(cfg.ssc_samples, count)
-        masks = foreground_masks(kept[:n_ssc], preset.pae.latent_grid)
+        masks = foreground_masks(kept[:n_ssc], preset.latent_shape[1])
         latent["ssc"] = ssc(z_all[:n_ssc], masks, seed=ctx.seed)
         latent["ssc_num_samples"] = n_ssc
         latent["ssc_segmentation"] = "foreground mask (grey > 0.05, ≥ 50% of a cell)"

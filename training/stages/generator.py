@@ -70,7 +70,7 @@ def fit(ctx: StageContext) -> tuple[dict[str, Any], Trainables]:
     sched = build_scheduler(opt, cfg.warmup_steps, cfg.steps, "constant", 1.0)
     ema = EMA(dit, cfg.ema_decay)
     state = Trainables({"dit": dit}, {"dit": opt}, {"dit": sched}, {"dit": ema})
-    pae = assets.load_pae(ctx, ema=True) if env.is_main else None
+    pae = assets.load_autoencoder(ctx, ema=True) if env.is_main else None
     stage_run, start = begin_training(ctx, STAGE, state)
     model = wrap_ddp(dit, env)
 

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from model.autoencoders import Autoencoder
 from model.flow import TorchNetworks
 from model.lightningdit import LightningDiT
-from model.pae import PAE
 from model.sampling import SamplerConfig
 from model.sampling import generate as generate_latents_and_decode
 
@@ -39,7 +39,7 @@ def save_grid(images: torch.Tensor, rows: int, path: str | Path, pad: int = 2) -
 @torch.no_grad()
 def generate(
     dit: LightningDiT,
-    pae: PAE,
+    pae: Autoencoder,
     labels: torch.Tensor,
     seeds: torch.Tensor,
     sampler: SamplerConfig,
@@ -74,7 +74,7 @@ def generate(
 
 def class_grid(
     dit: LightningDiT,
-    pae: PAE,
+    pae: Autoencoder,
     num_classes: int,
     per_class: int,
     sampler: SamplerConfig,

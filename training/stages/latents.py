@@ -43,9 +43,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
     train = assets.dataset(ctx, "train")
     directory = latents_dir(ctx, pae_sha, len(train))
     if broadcast_flag(ctx.env.is_main and not _complete(ctx, directory, pae_sha), ctx.env):
-        vfm = assets.frozen_vfm(ctx)
         hflip = ctx.recipe.tokenizer.hflip
-        feats = assets.vfm_features(ctx, vfm, train, "train", hflip)  # collective: every rank joins
+        feats = None
+        if ctx.preset.autoencoder.uses_vfm:  # collective: every rank joins
+            feats = assets.vfm_features(ctx, assets.frozen_vfm(ctx), train, "train", hflip)
         if ctx.env.is_main:
             _encode(ctx, train, directory, pae_sha, feats, hflip)
     barrier(ctx.env)
@@ -78,20 +79,20 @@ def _encode(
     train: Any,
     directory: Path,
     pae_sha: str,
-    feats: FeatureCache,
+    feats: FeatureCache | None,
     hflip: bool,
 ) -> None:
     from tqdm import tqdm
 
     device = ctx.env.device
-    pae = assets.load_pae(ctx, ema=True)
+    pae = assets.load_autoencoder(ctx, ema=True)
     n = len(train)
-    d = ctx.preset.pae.latent_dim
+    d = ctx.preset.latent_shape[0]
     total = torch.zeros(d, dtype=torch.float64)
     total_sq = torch.zeros(d, dtype=torch.float64)
     cells = 0
     batch = 500
-    with LatentShardWriter(directory, pae_sha, ctx.preset.pae.latent_shape, hflip) as writer:
+    with LatentShardWriter(directory, pae_sha, ctx.preset.latent_shape, hflip) as writer:
         bar = tqdm(total=n, desc="latents", unit="img", mininterval=2.0)
         for shard_start in range(0, n, SHARD_SIZE):
             count = min(SHARD_SIZE, n - shard_start)
@@ -101,9 +102,9 @@ def _encode(
                 items = [train[i] for i in idx]
                 x = torch.stack([it[0] for it in items]).to(device)
                 labels = torch.tensor([it[1] for it in items], dtype=torch.int64)
-                z = pae.encode(x, feats[idx].to(device)).float()
+                z = pae.encode(x, None if feats is None else feats[idx].to(device)).float()
                 if hflip:
-                    h_flip = feats[[i + n for i in idx]].to(device)
+                    h_flip = None if feats is None else feats[[i + n for i in idx]].to(device)
                     parts["latents_flip"].append(pae.encode(torch.flip(x, dims=(-1,)), h_flip).half().cpu())
                 z64 = z.double().cpu()
                 total += z64.sum(dim=(0, 2, 3))

@@ -28,6 +28,7 @@ from model.checkpoint import (
     METRICS_FILE,
     PAE_EMA_FILE,
     PAE_FILE,
+    autoencoder_files,
     read_json,
 )
 from training.checkpoint import RESUME_DIR, resume_dir
@@ -58,6 +59,11 @@ SHIPPED = (
     MODEL_CARD_FILE,
 )
 SIZE_LIMIT_MB = 20.0
+_LATENT_WORDS = {
+    "pae": "on the per-token RMS sphere",
+    "rae": "RAE: the frozen VFM's token grid, standardised per channel",
+    "vae": "KL autoencoder: the posterior mean",
+}
 
 
 def _say(ctx: StageContext, message: str) -> None:
@@ -110,7 +116,7 @@ def run_all(ctx: StageContext, keep_resume: bool = False) -> dict[str, dict[str,
         notes = kept_notes(card.read_text()) if card.is_file() else ""
         card.write_text(model_card(ctx) + notes)
         size = directory_mb(ctx.out)
-        missing = [name for name in SHIPPED if not (ctx.out / name).is_file()]
+        missing = [name for name in shipped_files(ctx) if not (ctx.out / name).is_file()]
         if missing:
             _say(ctx, f"warning: the checkpoint lacks {missing}")
         if size > SIZE_LIMIT_MB:
@@ -118,6 +124,15 @@ def run_all(ctx: StageContext, keep_resume: bool = False) -> dict[str, dict[str,
         _say(ctx, f"all: {ctx.out} ready ({size:.1f} MB)")
     barrier(ctx.env)
     return records
+
+
+def shipped_files(ctx: StageContext) -> tuple[str, ...]:
+    """`SHIPPED`, with a comparison autoencoder's own weight files in place of PAE's."""
+    kind = ctx.preset.autoencoder.kind
+    if kind == "pae":
+        return SHIPPED
+    swap = dict(zip((PAE_FILE, PAE_EMA_FILE), autoencoder_files(kind), strict=True))
+    return tuple(swap.get(name, name) for name in SHIPPED)
 
 
 def directory_mb(path: Path) -> float:
@@ -167,8 +182,9 @@ def model_card(ctx: StageContext) -> str:
         f"- Frozen VFM: {vfm.get('kind')} at {vfm.get('input_size')} px → {vfm.get('grid')}×{vfm.get('grid')} tokens; "
         f"weights referenced, not copied: {vfm.get('package') or vfm.get('path')}"
         + (f" (sha256 {vfm['weights_sha256'][:16]}…)" if vfm.get("weights_sha256") else ""),
-        f"- Latent: {' × '.join(str(s) for s in p.pae.latent_shape)} on the per-token RMS sphere.",
-        f"- PAE trainable parameters: {_fmt(_param_count(ctx.out / PAE_EMA_FILE))}; "
+        f"- Latent: {' × '.join(str(s) for s in p.latent_shape)} ({_LATENT_WORDS[p.autoencoder.kind]}).",
+        f"- {p.autoencoder.kind.upper()} trainable parameters: "
+        f"{_fmt(_param_count(ctx.out / autoencoder_files(p.autoencoder.kind)[1]))}; "
         f"LightningDiT parameters: {_fmt(_param_count(ctx.out / DIT_EMA_FILE))} "
         f"(depth {p.dit.depth}, width {p.dit.hidden}, heads {p.dit.heads}).",
         f"- Sampler defaults: {p.sampler.sampler}, {p.sampler.steps} steps, shift {p.sampler.shift}, "

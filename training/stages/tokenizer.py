@@ -16,27 +16,34 @@ updated from its own `disc_start_step`. bf16 autocast is used on CUDA only.
 One step is a generator step (PAE on every micro-batch, then its optimiser, schedule and EMA) followed
 by a discriminator step on the same real and reconstructed images. Under `torchrun` both networks are
 wrapped in DDP (gradients averaged across ranks every step) and only rank 0 writes files.
+
+The same loop trains the comparison autoencoders a preset may name instead of PAE
+(`autoencoder.kind`), with the same L1 + LPIPS + GAN objective and schedule (the prior-alignment
+weights must be 0: their targets and sphere geometry are PAE's): RAE's pixel decoder on the VFM's
+standardised token grid, decoding noise-augmented latents (`rae.noise_tau`), and the KL autoencoder
+from pixels with `vae.kl_weight`·KL added (no VFM pass at all).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from model.checkpoint import PAE_EMA_FILE, PAE_FILE, REFINE_FILE, CheckpointError, read_metadata
+from model.autoencoders import build_autoencoder
+from model.checkpoint import REFINE_FILE, CheckpointError, autoencoder_files, read_metadata
 from model.hashing import sha256_file
-from model.pae import PAE
+from model.rae import RAE
 from training.discriminator import PatchDiscriminator
 from training.distributed import DistEnv, ShardedBatches, unwrap, wrap_ddp
 from training.feature_cache import FeatureCache
 from training.losses import LossWeights, PAELoss, hinge_d_loss, quantize_fake
 from training.lpips import LPIPS
 from training.optim import EMA, build_adamw, build_scheduler, lr_factor
-from training.recipes import TokenizerTrainConfig
+from training.recipes import Recipe, TokenizerTrainConfig
 from training.stages import assets
 from training.stages.common import (
     StageRun,
@@ -56,6 +63,68 @@ STAGE = "tokenizer"
 ImagePair = tuple[torch.Tensor, torch.Tensor]
 
 
+class Reconstruction(NamedTuple):
+    """One forward of the autoencoder being trained: x̂, the latent the loss terms see, and what this
+    autoencoder adds to the objective (already weighted; None for nothing) with its logged parts."""
+
+    x_hat: torch.Tensor
+    z: torch.Tensor
+    penalty: torch.Tensor | None = None
+    parts: dict[str, float] | None = None
+
+
+# (the DDP-wrapped autoencoder, images, cached VFM tokens or None) → its training forward
+Reconstruct = Callable[[nn.Module, torch.Tensor, torch.Tensor | None], Reconstruction]
+
+
+def reconstruct_for(kind: str, recipe: Recipe, image_size: int) -> Reconstruct:
+    """The training forward of autoencoder `kind`: PAE as is, RAE decoding noise-augmented latents,
+    the KL autoencoder from a posterior sample with LDM's KL term. LDM weighs the KL against a
+    reconstruction loss summed over the image's pixels; ours is a per-pixel mean, hence the division
+    by 3·H·W, which keeps `vae.kl_weight` on LDM's scale."""
+    if kind == "rae":
+        tau = recipe.rae.noise_tau
+        return lambda model, x, h: Reconstruction(*model(x, h, noise_tau=tau))
+    if kind == "vae":
+        scale = recipe.vae.kl_weight / (3 * image_size * image_size)
+
+        def vae(model: nn.Module, x: torch.Tensor, h: torch.Tensor | None) -> Reconstruction:
+            x_hat, z, kl = model(x)
+            return Reconstruction(x_hat, z, scale * kl, {"kl": float(kl.detach())})
+
+        return vae
+    return lambda model, x, h: Reconstruction(*model(x, h))
+
+
+def _check_objective(kind: str, cfg: TokenizerTrainConfig) -> None:
+    """Only PAE trains with the prior-alignment terms (refined targets of its latent width, sphere
+    perturbations of its latent); a comparison autoencoder must have them switched off."""
+    on = [t for t in ("ssr", "mcr", "scr") if getattr(cfg, f"{t}_weight") > 0]
+    if kind != "pae" and on:
+        raise ValueError(
+            f"the {kind} autoencoder trains with L1 + LPIPS + GAN only; set "
+            + ", ".join(f"tokenizer.{t}_weight=0" for t in on)
+        )
+
+
+@torch.no_grad()
+def channel_stats(feats: FeatureCache, count: int, chunk: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std over images `0 … count − 1` of cached B×N×D tokens and all their
+    tokens, accumulated in float64 (RAE's latent standardisation; mirrored rows are left out)."""
+    total = total_sq = None
+    cells = 0
+    for start in range(0, count, chunk):
+        t = feats[list(range(start, min(start + chunk, count)))].double().flatten(0, 1)
+        total = t.sum(0) if total is None else total + t.sum(0)
+        total_sq = t.square().sum(0) if total_sq is None else total_sq + t.square().sum(0)
+        cells += t.shape[0]
+    if total is None or total_sq is None:
+        raise ValueError("channel_stats needs at least one image")
+    mean = total / cells
+    std = (total_sq / cells - mean.square()).clamp_min(1e-12).sqrt()
+    return mean.float(), std.float()
+
+
 def _clip(params: list[nn.Parameter], max_norm: float | None) -> torch.Tensor | None:
     if max_norm is None:
         return None
@@ -63,7 +132,8 @@ def _clip(params: list[nn.Parameter], max_norm: float | None) -> torch.Tensor | 
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    """Train the tokenizer; writes `pae.safetensors`, `pae_ema.safetensors`; returns the stage record."""
+    """Train the tokenizer; writes its live and EMA weights (`pae[_ema].safetensors`, or the comparison
+    autoencoder's `autoencoder_files`); returns the stage record."""
     return fit(ctx)[0]
 
 
@@ -93,8 +163,9 @@ class TokenizerStep:
     cfg: TokenizerTrainConfig
     env: DistEnv
     stage_run: StageRun
-    pae: PAE
+    pae: nn.Module
     pae_ddp: nn.Module
+    reconstruct: Reconstruct
     criterion: PAELoss
     opt_g: torch.optim.Optimizer
     sched_g: torch.optim.lr_scheduler.LRScheduler
@@ -103,7 +174,7 @@ class TokenizerStep:
     disc_ddp: nn.Module | None
     opt_d: torch.optim.Optimizer | None
     batches: Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
-    feats: FeatureCache
+    feats: FeatureCache | None
     targets: FeatureCache | None
     num_images: int
 
@@ -130,7 +201,7 @@ class TokenizerStep:
         for k in range(cfg.grad_accum):
             x, h, z_t = self._micro_batch()
             with grad_sync(self.pae_ddp, env, k, cfg.grad_accum), self.stage_run.autocast(True):
-                x_hat, z = self.pae_ddp(x, h)
+                x_hat, z, penalty, extra = self.reconstruct(self.pae_ddp, x, h)
                 total, parts = self.criterion(
                     x,
                     x_hat.float(),
@@ -140,6 +211,9 @@ class TokenizerStep:
                     last_layer=unwrap(self.pae).decoder_last_layer,
                     gan_active=gan_active,
                 )
+                if penalty is not None:
+                    total = total + penalty
+                    parts = {**parts, **(extra or {}), "total": float(total.detach())}
                 (total / cfg.grad_accum).backward()
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0.0) + value / cfg.grad_accum
@@ -179,12 +253,13 @@ class TokenizerStep:
         self.opt_d.step()
         return torch.tensor(d_total)
 
-    def _micro_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The next images on the device, their cached VFM tokens, and their targets as latent grids."""
+    def _micro_batch(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The next images on the device, their cached VFM tokens (None without a VFM), and their
+        targets as latent grids."""
         images, _, idx, flips = next(self.batches)
         rows = idx + self.num_images * flips.long()
         x = images.to(self.env.device, non_blocking=True)
-        h = self.feats[rows].to(self.env.device, non_blocking=True)
+        h = None if self.feats is None else self.feats[rows].to(self.env.device, non_blocking=True)
         z_t = None
         if self.targets is not None:
             d, grid = self.pae.cfg.latent_dim, self.pae.cfg.latent_grid
@@ -197,22 +272,31 @@ def _min_lr_ratio(cfg: TokenizerTrainConfig) -> float:
 
 
 def fit(ctx: StageContext) -> tuple[dict[str, Any], Trainables]:
-    """`run`, also returning this rank's trained objects (PAE, discriminator, optimisers, EMA)."""
+    """`run`, also returning this rank's trained objects (autoencoder, discriminator, optimisers, EMA)."""
     cfg, env, preset = ctx.recipe.tokenizer, ctx.env, ctx.preset
+    kind = preset.autoencoder.kind
+    _check_objective(kind, cfg)
     weights = LossWeights.from_config(cfg)
     use_gan = weights.gan_weight > 0
 
-    vfm = assets.frozen_vfm(ctx)
-    fingerprint = vfm.fingerprint()
-    ctx.write_config(fingerprint)
     train = assets.dataset(ctx, "train")
-    feats = assets.vfm_features(ctx, vfm, train, "train", cfg.hflip)
-    del vfm
-    needs_targets = weights.ssr_weight > 0 or weights.scr_weight > 0
-    targets = _refined_targets(ctx, fingerprint) if needs_targets else None
+    feats = targets = None
+    if preset.autoencoder.uses_vfm:
+        vfm = assets.frozen_vfm(ctx)
+        fingerprint = vfm.fingerprint()
+        ctx.write_config(fingerprint)
+        feats = assets.vfm_features(ctx, vfm, train, "train", cfg.hflip)
+        del vfm
+        if weights.ssr_weight > 0 or weights.scr_weight > 0:
+            targets = _refined_targets(ctx, fingerprint)
+    else:
+        ctx.write_config()
 
     seed_init(ctx.seed)
-    pae = PAE(preset.pae).to(env.device)
+    pae = build_autoencoder(preset.autoencoder, preset.pae).to(env.device)
+    if isinstance(pae, RAE):
+        assert feats is not None
+        pae.set_latent_stats(*channel_stats(feats, len(train)))
     needs_lpips = weights.lpips_weight > 0 or weights.mcr_weight > 0
     lpips = LPIPS(net=cfg.lpips_net).to(env.device) if needs_lpips else None
     disc = PatchDiscriminator(preset.pae.image_size).to(env.device) if use_gan else None
@@ -236,6 +320,7 @@ def fit(ctx: StageContext) -> tuple[dict[str, Any], Trainables]:
         stage_run=stage_run,
         pae=pae,
         pae_ddp=wrap_ddp(pae, env),
+        reconstruct=reconstruct_for(kind, ctx.recipe, preset.pae.image_size),
         criterion=criterion,
         opt_g=opt_g,
         sched_g=sched_g,
@@ -249,9 +334,11 @@ def fit(ctx: StageContext) -> tuple[dict[str, Any], Trainables]:
         num_images=len(train),
     )
 
+    live_file, ema_file = autoencoder_files(kind)
+
     def save() -> None:
-        assets.save_weights(ctx.out / PAE_FILE, pae)
-        assets.save_weights(ctx.out / PAE_EMA_FILE, ema.state_dict())
+        assets.save_weights(ctx.out / live_file, pae)
+        assets.save_weights(ctx.out / ema_file, ema.state_dict())
 
     record = train_and_record(
         ctx,
@@ -263,6 +350,7 @@ def fit(ctx: StageContext) -> tuple[dict[str, Any], Trainables]:
         ckpt_every=cfg.ckpt_every,
         start_step=start,
         save=save,
-        outputs=lambda: {"pae_ema_sha256": sha256_file(ctx.out / PAE_EMA_FILE)},
+        # The record names the tokenizer's EMA weights under this key whatever the autoencoder.
+        outputs=lambda: {"pae_ema_sha256": sha256_file(ctx.out / ema_file)},
     )
     return record, state
