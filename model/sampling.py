@@ -76,6 +76,10 @@ class SamplerConfig:
                 f"SamplerConfig.cfg_interval must satisfy 0 <= start <= end <= 1, got {interval!r}"
             )
         object.__setattr__(self, "cfg_interval", (float(start), float(end)))
+        # One form however the numbers arrived (JSON's 1 or 1.0): equal settings compare, hash and
+        # serialise alike, which the service's batching by settings relies on.
+        object.__setattr__(self, "shift", float(self.shift))
+        object.__setattr__(self, "cfg_scale", float(self.cfg_scale))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SamplerConfig:

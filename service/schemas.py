@@ -6,13 +6,13 @@ states the real limits (MAX_STEPS, MAX_NUM_IMAGES, the class names) rather than 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from export.repository import ModelConfig
+from model.sampling import SAMPLERS, SamplerConfig
 from service.codecs import MIN_IMAGE_SIDE
 from service.settings import Settings
 
@@ -156,7 +156,7 @@ def build_schemas(settings: Settings, config: ModelConfig) -> Schemas:
                 f"default {config.sampler.get('cfg_interval')}"
             ),
         )
-        sampler: Literal["euler", "heun", "sde"] | None = Field(
+        sampler: Literal[SAMPLERS] | None = Field(
             None, description=f"solver (default {config.sampler.get('sampler')!r}); sde needs steps >= 3"
         )
         shift: float | None = Field(
@@ -183,9 +183,7 @@ def build_schemas(settings: Settings, config: ModelConfig) -> Schemas:
         @classmethod
         def _interval(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
             if value is not None:
-                start, end = value
-                if not (math.isfinite(start) and math.isfinite(end) and 0.0 <= start <= end <= 1.0):
-                    raise ValueError(f"cfg_interval must satisfy 0 <= start <= end <= 1, got {list(value)}")
+                SamplerConfig(cfg_interval=value)  # its checks, its message
             return value
 
     return Schemas(encode_json=EncodeJSON, generate=GenerateRequest)

@@ -200,30 +200,18 @@ def sampler_settings(state: AppState, request: BaseModel) -> dict[str, object]:
                 f"unknown sampler_preset {preset!r}; this model has {sorted(state.config.sampler_presets)}"
             )
         base = state.config.sampler_presets[preset]
-    merged = {**base, **asked}
     try:
-        cfg = SamplerConfig(
-            sampler=str(merged["sampler"]),
-            steps=int(merged["steps"]),
-            shift=float(merged["shift"]),
-            cfg_scale=float(merged["cfg_scale"]),
-            cfg_interval=tuple(float(v) for v in merged["cfg_interval"]),
-            grid=str(merged.get("grid", "updates")),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
+        cfg = SamplerConfig.from_dict({**base, **asked})
+    except (TypeError, ValueError) as exc:
         raise BadInput(f"invalid sampler settings: {exc}") from None
     max_steps = state.settings.max_steps
     if cfg.steps > max_steps:
         raise BadInput(f"steps {cfg.steps} exceeds the limit of {max_steps} (MAX_STEPS)")
-    settings = {
-        "sampler": cfg.sampler,
-        "steps": cfg.steps,
-        "shift": cfg.shift,
-        "cfg_scale": cfg.cfg_scale,
-        "cfg_interval": list(cfg.cfg_interval),
-    }
+    settings = cfg.to_dict()
     # The release's time grid (paper §3.6) is named only when used, so other models' answers keep their form.
-    return settings if cfg.grid == "updates" else {**settings, "grid": cfg.grid}
+    if cfg.grid == "updates":
+        del settings["grid"]
+    return settings
 
 
 async def pngs(replies: Sequence[Reply], size: int) -> list[str]:
