@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("compute (worker)", ("compute (service/worker.py", "service/cancellation.py", "service/runtimes/")),
+    ("compute (worker)", ("service/batch.py", "service/cancellation.py", "service/runtimes/")),
     ("png / json encode", ("encode_png", "pngs (", "png_response", "JSONResponse", "latents_to_json")),
     ("body parse", ("read_latents", "read_images", "read_generate", "latents_from", "parse_model")),
     ("image decode / resize", ("open_image", "finish_image", "decode_image")),

@@ -11,13 +11,13 @@ import pytest
 from redis.asyncio import Redis
 
 from model.sampling import SamplerConfig
+from service.batch import group_jobs
 from service.broker import ROOM_MEMORY_S
 from service.broker_protocol import GROUP, Job, now_ms
 from service.broker_worker import BrokerWorker
 from service.codecs import to_uint8
 from service.errors import DeadlineExceeded, JobFailed, QueueFull
 from service.runtimes.onnxruntime import OnnxRuntime
-from service.worker import group_jobs
 from tests.service.broker_harness import KEYS, Harness, latent_payload, sampler_key
 from tests.service.conftest import sample
 
