@@ -20,6 +20,7 @@ from service.broker_protocol import GROUP, now_ms
 from service.codecs import to_uint8
 from service.redis_server import RedisServer
 from service.runtimes.onnxruntime import OnnxRuntime
+from service.worker import split
 from tests.service.conftest import sample
 from tests.service.test_broker import KEYS, Harness, latent_payload
 
@@ -46,32 +47,6 @@ def test_a_lone_job_runs_without_waiting_for_a_batch(
             return time.perf_counter() - start
 
     assert asyncio.run(scenario()) < wait_ms / 2000  # well under MAX_WAIT_MS: it never waited
-
-
-def test_concurrent_jobs_fill_one_batch_within_max_wait(
-    clean_redis: str, tiny_repository: Path, runtime: OnnxRuntime
-) -> None:
-    count = sample("pae_batch_size_count", {"task": "decode"})
-    total = sample("pae_batch_size_sum", {"task": "decode"})
-
-    async def scenario() -> None:
-        async with Harness(
-            clean_redis, tiny_repository, runtime, max_wait_ms={"encode": 2, "decode": 1500, "generate": 2}
-        ) as h:
-            deadline = now_ms() + 20_000
-            early = asyncio.create_task(
-                h.client.submit("decode", [latent_payload(1), latent_payload(2)], deadline)
-            )
-            await h.queued("decode", 2)
-            await h.start_worker()  # its first read returns 2 jobs: concurrent traffic, so it waits
-            late = asyncio.create_task(
-                h.client.submit("decode", [latent_payload(i) for i in (3, 4, 5)], deadline)
-            )
-            await asyncio.wait_for(asyncio.gather(early, late), 15)
-
-    asyncio.run(scenario())
-    assert sample("pae_batch_size_count", {"task": "decode"}) - count == 1
-    assert sample("pae_batch_size_sum", {"task": "decode"}) - total == 5
 
 
 def test_the_fill_wait_polls_with_non_blocking_reads(
@@ -279,3 +254,60 @@ def test_a_fresh_batch_computes_while_its_cancel_keys_are_read(
 
     asyncio.run(scenario())
     assert sample("pae_jobs_cancelled_total", {"task": "decode"}) - cancelled == 1
+
+
+def test_while_the_compute_thread_is_busy_jobs_fill_one_batch(
+    clean_redis: str, tiny_repository: Path, runtime: OnnxRuntime
+) -> None:
+    """With every compute thread busy, waiting costs nothing: the jobs read meanwhile keep filling one
+    batch (up to MAX_WAIT_MS) and it starts when the thread frees."""
+    gated = GatedRuntime(runtime, held={1})
+
+    async def scenario() -> None:
+        async with Harness(  # type: ignore[arg-type]
+            clean_redis, tiny_repository, gated, compute_threads=1, max_wait_ms={**WAITS, "decode": 10_000}
+        ) as h:
+            await h.start_worker()
+            deadline = now_ms() + 30_000
+            first = asyncio.create_task(h.client.submit("decode", [latent_payload(1)], deadline))
+            await until(gated.waiting)
+            early = asyncio.create_task(h.client.submit("decode", [latent_payload(2)] * 2, deadline))
+            assert await delivered(h, 3) == 3
+            late = asyncio.create_task(h.client.submit("decode", [latent_payload(3)] * 3, deadline))
+            assert await delivered(h, 6) == 6
+            gated.gate.set()
+            replies = await asyncio.wait_for(asyncio.gather(first, early, late), 15)
+            assert [len(r) for r in replies] == [1, 2, 3]
+
+    asyncio.run(scenario())
+    assert gated.batches == [1, 5]
+
+
+def test_an_idle_compute_thread_never_waits_for_company(
+    clean_redis: str, tiny_repository: Path, runtime: OnnxRuntime
+) -> None:
+    """Jobs found with compute threads idle start at once, split over the idle threads, however long
+    MAX_WAIT_MS is: on a CPU a bigger batch saves little per image, an idle core loses all of it."""
+    gated = GatedRuntime(runtime, held=set())
+
+    async def scenario() -> None:
+        async with Harness(  # type: ignore[arg-type]
+            clean_redis, tiny_repository, gated, compute_threads=2, max_wait_ms={**WAITS, "decode": 60_000}
+        ) as h:
+            deadline = now_ms() + 30_000
+            queued = asyncio.create_task(
+                h.client.submit("decode", [latent_payload(i) for i in range(3)], deadline)
+            )
+            await h.queued("decode", 3)
+            await h.start_worker()  # its first read finds 3 jobs and two idle threads
+            assert len(await asyncio.wait_for(queued, 15)) == 3
+
+    asyncio.run(scenario())
+    assert sorted(gated.batches) == [1, 2]
+
+
+def test_split_keeps_arrival_order_in_even_runs() -> None:
+    jobs = list(range(5))
+    assert split(jobs, 2) == [[0, 1, 2], [3, 4]]  # type: ignore[arg-type]
+    assert split(jobs, 9) == [[0], [1], [2], [3], [4]]  # type: ignore[arg-type]
+    assert split(jobs, 0) == [jobs]  # type: ignore[arg-type]
