@@ -25,7 +25,7 @@ import redis
 
 from benchmarks.machine import describe
 from export.repository import list_versions
-from service.launcher import LOOPBACK, Proc, free_port, start_api, start_worker, stop_processes
+from service.launcher import LOOPBACK, Proc, Started, free_port, start_api, start_worker, stop_processes
 from service.redis_server import RedisServer, find_redis_server
 from service.redis_topologies import SentinelGroup
 
@@ -83,7 +83,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 @dataclass
-class Topology:
+class Topology(Started):
     """redis-server (or a primary, replica and sentinels) + API replicas + workers as real processes
     on 127.0.0.1."""
 
@@ -235,17 +235,6 @@ class Topology:
             with contextlib.suppress(httpx.HTTPError):
                 texts.append(httpx.get(f"{url}/metrics", timeout=5).text)
         return texts
-
-    def __enter__(self) -> Topology:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def metric_sum(texts: Sequence[str], name: str, **labels: str) -> float:

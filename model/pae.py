@@ -8,7 +8,6 @@ module tree, so checkpoints, optimisers and `parameters()` only ever see PAE's o
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +16,7 @@ from torch import nn
 
 from .pos_embed import TABLE_DTYPES, resolve_table_dtype, sincos_2d
 from .validation import non_negative_ints, one_of, positive_ints, positive_numbers
-from .vfm.base import FrozenVFM, VFMSpec, normalize_image, stats_tensor
+from .vfm.base import FrozenVFM, UsesFrozenVFM, VFMSpec, normalize_image
 
 FUSIONS = ("sft", "add", "concat", "none")
 # q = k = MIXER_SHARPNESS·I in the residual-free token mixers at initialisation: each token's logit for
@@ -315,21 +314,16 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-class PAE(nn.Module):
+class PAE(UsesFrozenVFM):
     """Prior-Aligned AutoEncoder. `vfm` may be None when VFM tokens are always passed in (cached
     features, parameter counting on the meta device); it is kept out of `state_dict()` but follows
     `.to()`/`.cuda()`/`.half()`.
     """
 
     def __init__(self, cfg: PAEConfig, vfm: FrozenVFM | None = None) -> None:
-        super().__init__()
-        if vfm is not None and vfm.spec != cfg.vfm:
-            raise ValueError(f"the VFM's spec {vfm.spec} differs from PAEConfig.vfm {cfg.vfm}")
+        super().__init__(cfg.vfm, vfm)
         self.cfg = cfg
-        self._vfm_holder: list[FrozenVFM] = [] if vfm is None else [vfm]
         spec = cfg.vfm
-        self.register_buffer("mean", stats_tensor(spec.mean), persistent=False)
-        self.register_buffer("std", stats_tensor(spec.std), persistent=False)
         self.dam = DAM(cfg)
         self.projector = Projector(spec.dim, spec.heads, cfg.latent_dim, spec.grid)
         self.deprojector = Deprojector(cfg.latent_dim, spec.dim, spec.heads)
@@ -338,16 +332,6 @@ class PAE(nn.Module):
         self.dam.reset_fusion()
         self.projector.attn.init_near_identity()
         self.deprojector.attn.init_near_identity()
-
-    @property
-    def vfm(self) -> FrozenVFM | None:
-        return self._vfm_holder[0] if self._vfm_holder else None
-
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> PAE:
-        super()._apply(fn, recurse)
-        if self._vfm_holder:
-            self._vfm_holder[0]._apply(fn, recurse)
-        return self
 
     @property
     def decoder_last_layer(self) -> torch.Tensor:

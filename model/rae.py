@@ -16,13 +16,10 @@ forward (and DDP) with the augmentation inside.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-from torch import nn
 
 from .pae import PAEConfig, PixelDecoder, init_weights
-from .vfm.base import FrozenVFM, normalize_image, stats_tensor
+from .vfm.base import FrozenVFM, UsesFrozenVFM, normalize_image
 
 
 def decoder_noise(z: torch.Tensor, tau: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -37,7 +34,7 @@ def decoder_noise(z: torch.Tensor, tau: float, generator: torch.Generator | None
     return z + (sigma * eps).to(device=z.device, dtype=z.dtype)
 
 
-class RAE(nn.Module):
+class RAE(UsesFrozenVFM):
     """Frozen VFM tokens (standardised per channel) as the latent; a trainable ViT pixel decoder.
 
     `vfm` may be None when tokens are always passed in (`h_vfm`, the feature cache); it is kept out of
@@ -46,14 +43,9 @@ class RAE(nn.Module):
     """
 
     def __init__(self, cfg: PAEConfig, vfm: FrozenVFM | None = None) -> None:
-        super().__init__()
-        if vfm is not None and vfm.spec != cfg.vfm:
-            raise ValueError(f"the VFM's spec {vfm.spec} differs from PAEConfig.vfm {cfg.vfm}")
+        super().__init__(cfg.vfm, vfm)
         self.cfg = cfg
-        self._vfm_holder: list[FrozenVFM] = [] if vfm is None else [vfm]
         spec = cfg.vfm
-        self.register_buffer("mean", stats_tensor(spec.mean), persistent=False)
-        self.register_buffer("std", stats_tensor(spec.std), persistent=False)
         self.register_buffer("latent_mean", torch.zeros(1, spec.dim, 1, 1))
         self.register_buffer("latent_std", torch.ones(1, spec.dim, 1, 1))
         self.decoder = PixelDecoder(spec.dim, cfg)
@@ -62,16 +54,6 @@ class RAE(nn.Module):
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         return (self.cfg.vfm.dim, self.cfg.vfm.grid, self.cfg.vfm.grid)
-
-    @property
-    def vfm(self) -> FrozenVFM | None:
-        return self._vfm_holder[0] if self._vfm_holder else None
-
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> RAE:
-        super()._apply(fn, recurse)
-        if self._vfm_holder:
-            self._vfm_holder[0]._apply(fn, recurse)
-        return self
 
     @property
     def decoder_last_layer(self) -> torch.Tensor:

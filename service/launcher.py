@@ -30,11 +30,33 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 LOOPBACK = "127.0.0.1"
 # Console scripts of this package and the function each runs, for interpreters without them installed.
 ENTRY_POINTS = {"pae-serve": "service.cli:serve_main", "pae-worker": "service.cli:worker_main"}
+
+
+class Started:
+    """`with x:` for things made of processes: `start()`, and `stop()` on leaving or when the start
+    fails half-way, so a failed start leaves no process behind."""
+
+    def start(self) -> object:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 class LaunchError(RuntimeError):

@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from service.launcher import LOOPBACK, LaunchError, Proc, free_port, start_process, stop_process
+from service.launcher import LOOPBACK, LaunchError, Proc, Started, free_port, start_process, stop_process
 
 
 def find_redis_server() -> str:
@@ -105,7 +105,7 @@ def wait_for_redis(proc: Proc, port: int, timeout_s: float, password: str | None
     raise LaunchError(f"redis-server on port {port} did not answer PING within {timeout_s:.0f} s")
 
 
-class RedisServer:
+class RedisServer(Started):
     """A private redis-server on 127.0.0.1 that keeps its port for its whole life, so it can be
     stopped and started again at the same address (an outage the service must ride out).
 
@@ -198,10 +198,3 @@ class RedisServer:
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch = None
-
-    def __enter__(self) -> RedisServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

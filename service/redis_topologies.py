@@ -13,7 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from service.launcher import LOOPBACK, LaunchError, find_binary
+from service.launcher import LOOPBACK, LaunchError, Started, find_binary
 from service.redis_server import RedisServer, info_field, redis_command
 
 
@@ -68,7 +68,7 @@ class SentinelServer(RedisServer):
         return dict(item.split("=", 1) for item in line.split(",")) if line else {}
 
 
-class SentinelGroup:
+class SentinelGroup(Started):
     """A primary, `replicas` replicas and `sentinels` sentinels on 127.0.0.1, append-only files on
     (as deployed), for the failover test and benchmark.
 
@@ -190,19 +190,8 @@ class SentinelGroup:
         for server in reversed(self.servers):
             server.stop()
 
-    def __enter__(self) -> SentinelGroup:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-class LocalCluster:
+class LocalCluster(Started):
     """A Redis Cluster of `primaries` primaries (no replicas) on 127.0.0.1, slots spread evenly by
     `redis-cli --cluster create`."""
 
@@ -261,14 +250,3 @@ class LocalCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
-
-    def __enter__(self) -> LocalCluster:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

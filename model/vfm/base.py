@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Self
 
 import torch
 import torch.nn.functional as F
@@ -151,3 +153,31 @@ class FrozenVFM(nn.Module, ABC):
             payload = json.dumps({"weights": self._weights_digest(), "preprocessing": prep}, sort_keys=True)
             self._fingerprint = hashlib.sha256(payload.encode()).hexdigest()
         return self._fingerprint
+
+
+class UsesFrozenVFM(nn.Module):
+    """Base of the autoencoders built on a frozen VFM they use but do not own.
+
+    The VFM sits outside the module tree, so it is never in `state_dict()`, an optimiser or an EMA
+    copy, yet it follows `.to()` / `.cuda()` / `.half()` with its user. `vfm` may be None when VFM
+    tokens are always passed in (the feature cache, parameter counting on the meta device). `mean`
+    and `std` are the VFM's input statistics (buffers, not saved).
+    """
+
+    def __init__(self, spec: VFMSpec, vfm: FrozenVFM | None) -> None:
+        super().__init__()
+        if vfm is not None and vfm.spec != spec:
+            raise ValueError(f"the VFM's spec {vfm.spec} differs from PAEConfig.vfm {spec}")
+        self._vfm_holder: list[FrozenVFM] = [] if vfm is None else [vfm]
+        self.register_buffer("mean", stats_tensor(spec.mean), persistent=False)
+        self.register_buffer("std", stats_tensor(spec.std), persistent=False)
+
+    @property
+    def vfm(self) -> FrozenVFM | None:
+        return self._vfm_holder[0] if self._vfm_holder else None
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Self:
+        super()._apply(fn, recurse)
+        if self._vfm_holder:
+            self._vfm_holder[0]._apply(fn, recurse)
+        return self
