@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from benchmarks.machine import save_figure
+
 
 def plot(result: dict, path: Path) -> None:
     import matplotlib
@@ -57,10 +59,4 @@ def plot(result: dict, path: Path) -> None:
     )
     ax.tick_params(axis="x", labelrotation=15)
     ax.legend(fontsize=8)
-    load = result["machine"]["load_average_start"][0]
-    fig.suptitle(
-        f"hostile traffic, {result['model']}; load average at start {load}"
-        + ("" if result["quotable"] else " (NOT QUOTABLE)")
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, f"hostile traffic, {result['model']}", result)

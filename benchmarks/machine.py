@@ -84,5 +84,19 @@ def mark_quotable(result: Mapping[str, Any], affects: str = "its timings") -> di
     return marked
 
 
+def save_figure(fig: Any, path: Path, title: str, result: Mapping[str, Any], dpi: int = 110) -> None:
+    """Title the figure with `title`, the load average at the start and, when the result may not be
+    quoted, a mark saying so (a plot travels without its JSON), then write it to `path` and close it."""
+    import matplotlib.pyplot as plt
+
+    load = result.get("machine", {}).get("load_average_start") or ["?"]
+    flag = "" if result.get("quotable") else " — NOT QUOTABLE"
+    fig.suptitle(f"{title}; load average at start {load[0]}{flag}", fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def _warn(message: str) -> None:
     print(f"WARNING: {message}", file=sys.stderr, flush=True)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.machine import describe, mark_quotable
+from benchmarks.machine import describe, mark_quotable, save_figure
 from benchmarks.runtime_probe import graph_inputs, investigate
 from benchmarks.timing import THREADS, count_flops, interleaved, matmul_gflops, ort_session
 from export.exporter import export_checkpoint, graph_modules
@@ -230,17 +230,12 @@ def plot(results: dict, path: Path) -> None:
     axes[-1].set_title(f"generate, batch {results['pipeline']['batch']}")
     axes[-1].margins(y=0.2)
     axes[-1].legend(loc="upper right", fontsize=8)
-    load = (
-        results["machine"]["load_average_start"][0],
-        results["machine"].get("load_average_end", [float("nan")])[0],
-    )
-    fig.suptitle(
+    end = results["machine"].get("load_average_end", [float("nan")])[0]
+    title = (
         f"{results['model']['preset']} ({results['model']['weights']}) on {results['machine']['cpu']}, "
-        f"{THREADS} threads; ratio = ORT / eager throughput; 1-min load average {load[0]:.1f} → {load[1]:.1f}"
-        + ("" if results.get("quotable") else "; NOT QUOTABLE (loaded at start)")
+        f"{THREADS} threads; ratio = ORT / eager throughput; load average at the end {end:.1f}"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, title, results, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:

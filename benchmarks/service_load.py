@@ -37,7 +37,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.machine import RESULTS, mark_quotable
+from benchmarks.machine import RESULTS, mark_quotable, save_figure
 from benchmarks.topology import Topology, cpu_seconds, machine_info, metric_sum, resolve_model, rss_mb
 from benchmarks.traffic import (
     TASKS,
@@ -242,14 +242,7 @@ def plot(result: dict, path: Path) -> None:
             axes[row][col].grid(alpha=0.3)
             axes[row][col].legend()
     machine = result["machine"]
-    fig.suptitle(
-        f"{result['model']} — {machine['logical_cores']} cores, load average at start "
-        f"{machine['load_average_start'][0]}" + ("" if result.get("quotable") else " — NOT QUOTABLE"),
-        fontsize=9,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"{result['model']} — {machine['logical_cores']} cores", result)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -11,7 +11,7 @@ import torch
 
 from benchmarks.ablation.budgets import ARMS, BUDGETS
 from benchmarks.ablation.plan import AblationError, Plan, say
-from benchmarks.ablation.report import render_claims, render_curves, render_table, write_report
+from benchmarks.ablation.report import print_report, write_report
 from benchmarks.ablation.runner import run
 from benchmarks.machine import RESULTS
 from model.presets import PRESETS
@@ -112,9 +112,5 @@ def main(argv: list[str] | None = None) -> int:
         targets.append(Path(args.results_dir))
     for path in write_report(report, targets, results_name):
         say(f"wrote {path}")
-    print(render_table(report))
-    print()
-    print(render_curves(report))
-    print()
-    print(render_claims(report))
+    print_report(report)
     return 0

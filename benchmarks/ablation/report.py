@@ -245,13 +245,18 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         raise SystemExit(f"ablation.report: {path} is not an ablation report (missing {missing})")
     plot_curves(report, path.with_suffix(".png"))
-    print(render_table(report))
-    print()
-    print(render_curves(report))
-    print()
-    print(render_claims(report))
+    print_report(report)
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def print_report(report: dict[str, Any]) -> None:
+    """The README table, the FD-versus-DiT-steps curves and the claims, on stdout."""
+    print(render_table(report))
+    print()
+    print(render_curves(report))
+    print()
+    print(render_claims(report))

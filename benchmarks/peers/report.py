@@ -10,6 +10,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from benchmarks.machine import save_figure
+
 GRAPH = {"encode": "encoder", "decode": "decoder"}
 TARGETS = {
     "c1_vs_plain": 0.95,
@@ -139,11 +141,4 @@ def plot(result: dict, path: Path) -> None:
             axes[row][col].grid(alpha=0.3)
             axes[row][col].legend(fontsize=8)
     machine = result["machine"]
-    fig.suptitle(
-        f"{result['model']} — {machine['logical_cores']} cores, load average at start "
-        f"{machine['load_average_start'][0]}" + ("" if result.get("quotable") else " — NOT QUOTABLE"),
-        fontsize=9,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"{result['model']} — {machine['logical_cores']} cores", result)
