@@ -25,6 +25,9 @@ ARMS: dict[str, dict[str, str]] = {
     "vae": {**_NO_PRIOR, "autoencoder.kind": "vae", "tokenizer.lr": "1e-3"},
 }
 HEADLINE_ARMS = ("baseline", "pae", "rae", "vae")
+# The headline's claims compare PAE with RAE and the VAE, so those three take a second seed; the
+# reconstruction-only baseline is the earlier ablation's yardstick and trains at the first seed only.
+HEADLINE_SEEDED = ("pae", "rae", "vae")
 FEW_STEPS = (5, 10, 15, 25, 50, 100)
 FD_NETWORK = "efficientnet-lite2"
 
@@ -74,7 +77,7 @@ QUICK = Budget(
     name="quick",
     arms=HEADLINE_ARMS,
     seeds=(0,),
-    seeded_arms=HEADLINE_ARMS,
+    seeded_arms=HEADLINE_SEEDED,
     curve_points=4,
     gen_samples=250,
     reference_samples=500,
