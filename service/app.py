@@ -1,10 +1,11 @@
 """The HTTP API: validate, enqueue on Redis, await the worker's reply, encode the answer.
 
-An API replica never runs the model. It checks every input (bad input is a 4xx naming the
-problem, never a 500), turns each image or latent into one queued job, and waits for the replies
-through its single reply dispatcher, within the request's deadline. A full queue answers 429 with
-Retry-After at once, a passed deadline 504 (the jobs are cancelled, so no worker runs them), a
-client that goes away cancels its jobs, and an unreachable Redis answers 503.
+An API replica checks every input (bad input is a 4xx naming the problem, never a 500), turns each
+image or latent into one queued job, and waits for the replies through its single reply
+dispatcher, within the request's deadline; it runs the model itself only in its direct lane
+(`service.direct`, off unless DIRECT_SLOTS is set). A full queue answers 429 with Retry-After at
+once, a passed deadline 504 (the jobs are cancelled, so no worker runs them), a client that goes
+away cancels its jobs, and an unreachable Redis answers 503.
 
 This module only assembles the app; the parts live in `service.api`:
 

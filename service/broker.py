@@ -102,6 +102,7 @@ class BrokerClient:
         self.replica_id = replica_id or uuid.uuid4().hex
         self.reply_key = keys.reply(self.replica_id)
         self._waiting: dict[str, Waiting] = {}
+        self._queued: dict[str, int] = {}
         self._enqueue = redis.register_script(ENQUEUE_LUA)
         self._audit = redis.register_script(AUDIT_LUA)
         self._read_to = b"0-0"
@@ -136,6 +137,10 @@ class BrokerClient:
     def waiting(self) -> int:
         """Jobs this replica is waiting on (a test and debugging aid)."""
         return len(self._waiting)
+
+    def queued(self, task: str) -> int:
+        """Jobs of `task` this replica has queued and still waits on (no I/O)."""
+        return self._queued.get(task, 0)
 
     async def _dispatch(self) -> None:
         """The replica's single reader of its reply stream; resolves one future per reply."""
@@ -271,6 +276,7 @@ class BrokerClient:
             jobs[job_id] = Waiting(task, loop.create_future(), flat, cost, deadline_ms)
         futures = [job.future for job in jobs.values()]
         self._waiting.update(jobs)
+        self._queued[task] = self._queued.get(task, 0) + len(jobs)
         try:
             await self._enqueue_jobs(task, list(jobs.values()))
             timing.mark("enqueue")
@@ -299,6 +305,7 @@ class BrokerClient:
         finally:
             for job_id in jobs:
                 self._waiting.pop(job_id, None)
+            self._queued[task] -= len(jobs)
         for reply in replies:
             if not reply.ok:
                 raise JobFailed(reply.error or f"{task} job failed", status=reply.status)

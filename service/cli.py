@@ -19,7 +19,7 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from service.settings import Settings, SettingsError
+from service.settings import Settings, SettingsError, usable_cores
 
 log = logging.getLogger("service")
 
@@ -66,6 +66,18 @@ def ensure_default_model(settings: Settings) -> None:
         sys.exit(f"exporting the default model failed ({' '.join(command)} exited {result.returncode})")
 
 
+def embedded_direct_slots(settings: Settings, replicas: int) -> int:
+    """DIRECT_SLOTS when `pae-serve` runs everything on one machine (`service.direct.default_slots`
+    over the usable cores shared by the API replicas)."""
+    from export.repository import resolve_version_dir
+    from service.direct import default_slots
+
+    version_dir = resolve_version_dir(settings.model_repository, settings.model_name, settings.model_version)
+    slots = default_slots(version_dir, max(1, usable_cores() // replicas), settings.runs_concurrently)
+    log.info("direct lane: %d slot(s) per API replica (DIRECT_SLOTS; service/direct.py)", slots)
+    return slots
+
+
 def serve_main(argv: Sequence[str] | None = None) -> None:
     """`pae-serve`: run the API; with no Redis named (REDIS_URL or REDIS_SENTINELS) also a private
     redis-server and one worker process."""
@@ -82,6 +94,8 @@ def serve_main(argv: Sequence[str] | None = None) -> None:
     )
     settings = _settings()
     ensure_default_model(settings)
+    if not settings.redis_configured and "DIRECT_SLOTS" not in os.environ:
+        os.environ["DIRECT_SLOTS"] = str(embedded_direct_slots(settings, args.workers))
 
     multiproc_dir = None
     # Several API processes, or the API and its embedded worker process, share one metrics view.

@@ -42,7 +42,14 @@ QUEUE_WAIT = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 COMPUTE = Histogram("pae_compute_seconds", "Runtime time per batch", ["task"], buckets=_LATENCY_BUCKETS)
-BATCH_SIZE = Histogram("pae_batch_size", "Jobs per batch run by a worker", ["task"], buckets=_BATCH_BUCKETS)
+BATCH_SIZE = Histogram(
+    "pae_batch_size", "Jobs per batch run by a worker or the direct lane", ["task"], buckets=_BATCH_BUCKETS
+)
+DIRECT_JOBS = Counter(
+    "pae_direct_jobs_total",
+    "Jobs an API replica computed itself in a free direct-lane slot instead of queueing them",
+    ["task"],
+)
 QUEUE_DEPTH = Gauge(
     "pae_queue_depth",
     "Jobs queued or in flight (sampled each worker loop)",

@@ -154,6 +154,7 @@ class Settings:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 10.0
     compute_threads: int = 0
+    direct_slots: int = 0
 
     @property
     def runs_concurrently(self) -> bool:
@@ -255,11 +256,17 @@ class Settings:
             header_timeout_s=_float(env, "HEADER_TIMEOUT_S", 10.0, 0.0, 3600.0),
             body_timeout_s=_float(env, "BODY_TIMEOUT_S", 10.0, 0.0, 3600.0),
             compute_threads=_int(env, "COMPUTE_THREADS", 0, 0, 256),
+            direct_slots=_int(env, "DIRECT_SLOTS", 0, 0, 256),
         )
         if settings.compute_threads > 1 and not settings.runs_concurrently:
             raise SettingsError(
                 f"COMPUTE_THREADS={settings.compute_threads} needs the onnxruntime runtime (its sessions "
                 f"take concurrent runs); RUNTIME={settings.runtime} computes one batch at a time"
+            )
+        if settings.direct_slots > 1 and not settings.runs_concurrently:
+            raise SettingsError(
+                f"DIRECT_SLOTS={settings.direct_slots} needs the onnxruntime runtime (its sessions take "
+                f"concurrent runs); RUNTIME={settings.runtime} computes one call at a time"
             )
         if settings.api_key is not None and len(settings.api_key) < 16:
             raise SettingsError("API_KEY must be at least 16 characters when set")

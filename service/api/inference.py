@@ -1,6 +1,7 @@
 """POST /v1/encode, /v1/decode, /v1/generate: input → one queued job per image → the answer.
 
-An API replica never runs the model. Each handler refuses what it can before reading the body (a
+An API replica runs the model only in its direct lane (`service.direct`, off unless DIRECT_SLOTS is
+set). Each handler refuses what it can before reading the body (a
 full queue is a 429, an Accept it cannot satisfy a 406), then checks its input (bad input is a 4xx
 naming the problem, never a 500) and its cost (`service.cost`, at most MAX_REQUEST_COST), turns
 every image or latent into one job, waits for the replies within the request's deadline
@@ -80,7 +81,7 @@ async def encode(request: Request, state: State, due: Deadline) -> Response:
     images = await state.images.finish(headers_only, state.config.image_size, due)
     payloads = [{"data": img.tobytes(), "cost": cost.ENCODE_JOB} for img in images]
     timing.mark("parse")
-    replies = await run_jobs(request, state.jobs(), "encode", payloads, due)
+    replies = await run_jobs(request, state, "encode", payloads, due)
     latents = np.stack([np.frombuffer(r.data, dtype="<f4").reshape(r.shape) for r in replies])
     headers = timing_headers(replies)
     if answer == NPY:
@@ -113,7 +114,7 @@ async def decode(request: Request, state: State, due: Deadline) -> Response:
     check_cost(state, "decode", len(latents) * cost.DECODE_JOB, f"{len(latents)} latent(s)")
     payloads = [{"data": z.tobytes(), "cost": cost.DECODE_JOB} for z in latents]
     timing.mark("parse")
-    replies = await run_jobs(request, state.jobs(), "decode", payloads, due)
+    replies = await run_jobs(request, state, "decode", payloads, due)
     images = [ImageOut(png=p) for p in await pngs(replies, state.config.image_size)]
     return png_response(answer, state, images, replies)
 
@@ -152,7 +153,7 @@ async def generate(request: Request, state: State, due: Deadline) -> Response:
     seeds = [first + i for i in range(body.num_images)]
     payloads = [{"label": str(label), "seed": str(s), "sampler": key, "cost": per_image} for s in seeds]
     timing.mark("parse")
-    replies = await run_jobs(request, state.jobs(), "generate", payloads, due)
+    replies = await run_jobs(request, state, "generate", payloads, due)
     images = [
         ImageOut(png=p, seed=s, class_label=label, class_name=config.class_names[label])
         for p, s in zip(await pngs(replies, config.image_size), seeds, strict=True)

@@ -21,7 +21,10 @@ from service import metrics
 from service.api.images import ImageDecoder
 from service.broker import BrokerClient
 from service.broker_protocol import Keys
+from service.direct import TASKS as DIRECT_TASKS
+from service.direct import DirectLane
 from service.redis_client import open_redis
+from service.runtimes import load_runtime
 from service.schemas import Readiness, Schemas, build_schemas
 from service.settings import TASKS, Settings, SettingsError
 from service.worker import HEARTBEAT_TTL_MS
@@ -35,7 +38,8 @@ class AppState:
     """What one API replica serves and how it reaches the workers.
 
     `broker` is set while the app's lifespan runs (`connected`); everything else is fixed when the
-    app is built. The image-decoding pool starts its threads on first use.
+    app is built. The image-decoding pool starts its threads on first use. `lane` is the direct
+    lane (`service.direct`) when DIRECT_SLOTS > 0: this replica then holds the graphs too.
     """
 
     settings: Settings
@@ -43,6 +47,7 @@ class AppState:
     schemas: Schemas
     images: ImageDecoder
     broker: BrokerClient | None = field(default=None, repr=False)
+    lane: DirectLane | None = field(default=None, repr=False)
 
     @classmethod
     def load(cls, settings: Settings) -> AppState:
@@ -54,7 +59,12 @@ class AppState:
         version_dir = resolve_version_dir(
             settings.model_repository, settings.model_name, settings.model_version
         )
-        return cls.for_model(settings, ModelConfig.load(version_dir))
+        state = cls.for_model(settings, ModelConfig.load(version_dir))
+        if settings.direct_slots:
+            runtime = load_runtime(settings, version_dir)
+            runtime.warmup({task: settings.direct_slots for task in DIRECT_TASKS})
+            state.lane = DirectLane(runtime, settings.direct_slots)
+        return state
 
     @classmethod
     def for_model(cls, settings: Settings, config: ModelConfig) -> AppState:

@@ -1,0 +1,150 @@
+"""The direct lane: an API replica that holds the encoder and decoder computes a request itself
+while it has a free slot, instead of the round trip through Redis and a worker.
+
+Why. On a CPU these graphs gain almost nothing from batching (encoder 4.86 → 4.59 ms per image
+from batch 1 to 16, decoder 1.19 → 1.16), so at low concurrency the queue only adds its cost: two
+Redis hops, a second process and about 2 ms per request (`benchmarks.peers`, Server-Timing), which
+left the service at 0.58–0.77× a plain single-process server at concurrency 1. A replica with a free
+slot now runs the job on a thread of its own (ONNX Runtime releases the GIL); once its slots are
+busy, requests queue as before and the workers batch them, and the next requests follow them into
+the queue until the replica's queued jobs are answered (`service.api.jobs.open_lane`): no request
+overtakes one queued before it, and under load the traffic is the workers' batches, as before. Queue
+bounds and admission still apply: a full queue is a 429 whether or not a slot is free.
+
+What it keeps and what it does not. The request's deadline, cost limit and client-gone handling
+are the same (a job whose deadline passed before its slot ran it is a 504). A direct job never
+enters Redis, so it is not recovered if the replica dies mid-request; neither is that request's
+connection, so the client sees the same failure as for a queued job. Generation stays on the queue:
+it is long, cancelled between sampler steps by the worker, and batched with its like.
+
+`DIRECT_SLOTS` sets the slots (0, off, is the default for `pae-api`); `pae-serve` with its embedded
+Redis turns the lane on when the graphs are small (`default_slots`), since there the API and the
+worker share one machine anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Awaitable, Sequence
+from pathlib import Path
+
+from service import metrics, timing
+from service.batch import compute
+from service.broker_protocol import Job, Reply, now_ms
+from service.errors import DeadlineExceeded, JobFailed
+from service.runtimes.base import Runtime
+
+TASKS = ("encode", "decode")
+"""The tasks the lane takes: one graph call each."""
+SMALL_GRAPHS_BYTES = 256 * 1024 * 1024
+"""`default_slots` turns the lane on only when encoder + decoder fit in this: a second copy of a
+full-size encoder (DINOv2-L: over 1 GB) in the API process costs memory and buys nothing, since
+its seconds of compute dwarf a Redis hop."""
+SLOTS_PER_CORE = 4
+"""`default_slots` gives each usable core this many slots: a request's Python (HTTP, JSON, PNG) and its
+graph call alternate, so one slot per core leaves cores idle between calls; with 1 slot per core
+the service fell further behind the plain server at concurrency 8 (encode 0.79×, decode 0.71×)
+than with 4 (0.97×, 0.87×; `benchmarks.peers`, one repetition each, so noisy)."""
+
+
+def default_slots(version_dir: Path, cores: int, concurrent_runs: bool = True) -> int:
+    """The slots `pae-serve` gives its API when DIRECT_SLOTS is unset: SLOTS_PER_CORE per core for
+    small graphs (one, for a runtime that takes one call at a time), none for large ones."""
+    size = sum(
+        p.stat().st_size for p in version_dir.glob("*.onnx*") if p.name.startswith(("encoder", "decoder"))
+    )
+    if size > SMALL_GRAPHS_BYTES:
+        return 0
+    return SLOTS_PER_CORE * cores if concurrent_runs else 1
+
+
+class DirectLane:
+    """Up to `slots` jobs computed at once in this process, each on its own thread."""
+
+    def __init__(self, runtime: Runtime, slots: int) -> None:
+        if slots < 1:
+            raise ValueError(f"a direct lane needs at least one slot, got {slots}")
+        self.runtime = runtime
+        self.slots = slots
+        self.busy = 0
+        # Idle threads end with the interpreter; a request in flight at shutdown is finished first
+        # by uvicorn's graceful shutdown, so there is nothing to close.
+        self._executor = concurrent.futures.ThreadPoolExecutor(slots, thread_name_prefix="pae-direct")
+
+    def free(self, task: str) -> bool:
+        """Whether a one-job request for `task` would be computed here now."""
+        return task in TASKS and self.busy < self.slots
+
+    def try_submit(
+        self, task: str, payloads: Sequence[dict[str, bytes | str | int]], deadline_ms: int
+    ) -> Awaitable[list[Reply]] | None:
+        """The replies' awaitable when the lane takes these jobs now, else None (queue them).
+
+        Called on the event loop, so the check and the reservation of slots are one step. A request
+        takes as many slots as it has jobs; one that does not fit in the free slots goes to the
+        queue whole, where its jobs are batched.
+        """
+        if task not in TASKS or not payloads or len(payloads) > self.slots - self.busy:
+            return None
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self.busy += len(payloads)
+        jobs = [_job(task, i, payload, deadline_ms) for i, payload in enumerate(payloads)]
+
+        def run() -> None:
+            # One wake-up of the event loop per call (not one for the result and one for the slots).
+            try:
+                outcome: tuple[object, BaseException | None] = (compute(task, jobs, self.runtime), None)
+            except BaseException as exc:
+                outcome = (None, exc)
+            loop.call_soon_threadsafe(self._finish, done, len(jobs), outcome)
+
+        self._executor.submit(run)
+        return self._replies(task, jobs, done)
+
+    def _finish(self, done: asyncio.Future, count: int, outcome: tuple[object, BaseException | None]) -> None:
+        """Free the slots when the thread finishes, not when the awaiting request is cancelled: the
+        graph call cannot be interrupted, and its thread was busy until now."""
+        self.busy -= count
+        if done.cancelled():
+            return
+        result, error = outcome
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)
+
+    async def _replies(self, task: str, jobs: list[Job], done: asyncio.Future) -> list[Reply]:
+        timing.mark("enqueue")
+        replies, elapsed = await done
+        metrics.DIRECT_JOBS.labels(task).inc(len(jobs))
+        metrics.QUEUE_WAIT.labels(task).observe(0.0)
+        metrics.COMPUTE.labels(task).observe(elapsed)
+        metrics.BATCH_SIZE.labels(task).observe(len(jobs))
+        timing.mark("wait")
+        out = []
+        for reply in replies:
+            if reply is None:
+                metrics.EXPIRED.labels(task).inc()
+                raise DeadlineExceeded(f"the {task} request's deadline passed before its job ran")
+            if not reply.ok:
+                raise JobFailed(reply.error or f"{task} job failed", status=reply.status)
+            out.append(reply)
+        return out
+
+
+def _job(task: str, index: int, payload: dict[str, bytes | str | int], deadline_ms: int) -> Job:
+    """A payload as the worker would read it from the stream (`service.batch.compute` takes jobs)."""
+    fields = {k.encode(): v if isinstance(v, bytes) else str(v).encode() for k, v in payload.items()}
+    return Job(
+        entry_id=b"direct",
+        task=task,
+        job_id=f"direct.{index}",
+        request_id="direct",
+        reply_key="",
+        deadline_ms=deadline_ms,
+        enqueued_ms=now_ms(),
+        fields=fields,
+        cost=int(payload.get("cost", 1)),
+    )
