@@ -123,6 +123,19 @@ def _peak_rss_mib(pid: int) -> int:
     return -1
 
 
+def tree_peak_rss_mib(root: int) -> dict[str, int]:
+    """Peak RSS of `pae-serve` and the processes it started (worker, redis-server), by program."""
+    from benchmarks.peers.servers import tree_members
+
+    peaks: dict[str, int] = {}
+    for pid, name in sorted(tree_members(root).items()):
+        try:
+            peaks[name if name not in peaks else f"{name}-{pid}"] = _peak_rss_mib(pid)
+        except OSError:
+            continue  # exited between the listing and the read
+    return peaks
+
+
 def serve(work: Path, repository: Path, timeout_s: float = 1800.0) -> dict[str, Any]:
     """Start pae-serve (embedded Redis and worker) on the export; one generate and one encode/decode."""
     from PIL import Image
@@ -152,7 +165,7 @@ def serve(work: Path, repository: Path, timeout_s: float = 1800.0) -> dict[str, 
         latents, encode_s = _post(f"{url}/v1/encode", png, "image/png", "application/x-npy", timeout_s)
         decoded, decode_s = _post(f"{url}/v1/decode", latents, "application/x-npy", "image/png", timeout_s)
         (work / "decoded.png").write_bytes(decoded)
-        rss = _peak_rss_mib(server.program_pid)
+        rss = tree_peak_rss_mib(server.program_pid)
     finally:
         stop_process(server, grace_s=120)
     return {
@@ -164,7 +177,9 @@ def serve(work: Path, repository: Path, timeout_s: float = 1800.0) -> dict[str, 
         },
         "encode_s": round(encode_s, 1),
         "decode_s": round(decode_s, 1),
-        "server_peak_rss_mib": rss,
+        # Each process's own peak, summed: an upper bound on what the three held at once.
+        "server_peak_rss_mib": sum(rss.values()),
+        "server_peak_rss_mib_by_process": rss,
     }
 
 

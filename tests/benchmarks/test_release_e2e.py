@@ -24,4 +24,6 @@ def test_a_random_release_imports_exports_and_serves_at_256px(tmp_path: Path) ->
         r["passed"] for r in report["repository"]["parity"]["fp32"] + report["repository"]["parity"]["fp16"]
     )
     assert report["phases"]["serve"]["generate"]["png_size"] == [256, 256]
+    by_process = report["phases"]["serve"]["server_peak_rss_mib_by_process"]
+    assert {"pae-serve", "pae-worker", "redis-server"} <= set(by_process)
     assert set(report["graph_latency_batch1"]) == {"encoder", "decoder", "dit", "dit_cond"}
