@@ -12,10 +12,11 @@ the queue until the replica's queued jobs are answered (`service.api.jobs.open_l
 overtakes one queued before it, and under load the traffic is the workers' batches, as before. Queue
 bounds and admission still apply: a full queue is a 429 whether or not a slot is free.
 
-What it keeps and what it does not. The request's deadline, cost limit and client-gone handling
-are the same (a job whose deadline passed before its slot ran it is a 504). A direct job never
-enters Redis, so it is not recovered if the replica dies mid-request; neither is that request's
-connection, so the client sees the same failure as for a queued job. Generation stays on the queue:
+What it keeps and what it does not. The request's deadline and cost limit are the same (a job whose
+deadline passed before its slot ran it is a 504). Nobody watches for a client that goes away during
+a direct job: its one graph call cannot be stopped, and the answer to a closed connection is
+dropped. A direct job never enters Redis, so it is not recovered if the replica dies mid-request;
+neither is that request's connection, so the client sees the same failure as for a queued job. Generation stays on the queue:
 it is long, cancelled between sampler steps by the worker, and batched with its like.
 
 `DIRECT_SLOTS` sets the slots (0, off, is the default for `pae-api`); `pae-serve` with its embedded
