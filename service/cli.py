@@ -94,8 +94,6 @@ def serve_main(argv: Sequence[str] | None = None) -> None:
     )
     settings = _settings()
     ensure_default_model(settings)
-    if not settings.redis_configured and "DIRECT_SLOTS" not in os.environ:
-        os.environ["DIRECT_SLOTS"] = str(embedded_direct_slots(settings, args.workers))
 
     multiproc_dir = None
     # Several API processes, or the API and its embedded worker process, share one metrics view.
@@ -103,6 +101,9 @@ def serve_main(argv: Sequence[str] | None = None) -> None:
     if several and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         multiproc_dir = tempfile.mkdtemp(prefix="pae-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
+    # Only now: service.direct imports the metrics, which must see PROMETHEUS_MULTIPROC_DIR first.
+    if not settings.redis_configured and "DIRECT_SLOTS" not in os.environ:
+        os.environ["DIRECT_SLOTS"] = str(embedded_direct_slots(settings, args.workers))
 
     import uvicorn
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import re
@@ -60,8 +61,18 @@ def test_embedded_serve_is_ready_and_cleans_up(tiny_repository: Path, tmp_path: 
         assert "server-timing" in made.headers
         worker = worker_pid((tmp_path / "api.log").read_text())
         assert worker != proc.program_pid and alive(worker)  # the worker has a process (and a GIL) of its own
+        encoded = httpx.post(
+            f"http://127.0.0.1:{port}/v1/encode",
+            content=base64.b64decode(made.json()["images"][0]["png"]),
+            headers={"Content-Type": "image/png"},
+            timeout=30,
+        )
+        assert encoded.status_code == 200
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
         assert 'pae_batch_size_count{task="generate"} 1.0' in metrics  # the worker's metrics, seen by the API
+        # The API's own, from the same multiprocess view: its requests and its direct lane's jobs.
+        assert 'pae_requests_total{endpoint="generate",status="200"} 1.0' in metrics
+        assert 'pae_direct_jobs_total{task="encode"} 1.0' in metrics
     finally:
         stop_process(proc, grace_s=20)
     log = (tmp_path / "api.log").read_text()
