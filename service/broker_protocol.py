@@ -106,9 +106,6 @@ class Reply:
     data: bytes = b""
     queue_ms: float = 0.0
     compute_ms: float = 0.0
-    png: bytes = b""
-    """The image already PNG-encoded, where the direct lane did it on its own thread (never sent
-    through Redis); empty means the API encodes `data`."""
 
     def to_fields(self) -> dict[str, bytes | str | int | float]:
         return {

@@ -31,12 +31,9 @@ import concurrent.futures
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
 
-import numpy as np
-
 from service import metrics, timing
 from service.batch import compute
 from service.broker_protocol import Job, Reply, now_ms
-from service.codecs import encode_png
 from service.errors import DeadlineExceeded, JobFailed
 from service.runtimes.base import Runtime
 
@@ -100,10 +97,7 @@ class DirectLane:
         def run() -> None:
             # One wake-up of the event loop per call (not one for the result and one for the slots).
             try:
-                replies, elapsed = compute(task, jobs, self.runtime)
-                if task == "decode":
-                    _encode_pngs(replies)
-                outcome: tuple[object, BaseException | None] = ((replies, elapsed), None)
+                outcome: tuple[object, BaseException | None] = (compute(task, jobs, self.runtime), None)
             except BaseException as exc:
                 outcome = (None, exc)
             loop.call_soon_threadsafe(self._finish, done, len(jobs), outcome)
@@ -140,15 +134,6 @@ class DirectLane:
                 raise JobFailed(reply.error or f"{task} job failed", status=reply.status)
             out.append(reply)
         return out
-
-
-def _encode_pngs(replies: Sequence[Reply | None]) -> None:
-    """PNG-encode decoded images here, on the lane's thread, rather than on the event loop after the
-    hand-off: a third of the loop's time per decode request, which with two requests in flight
-    kept one waiting for the loop while its core idled."""
-    for reply in replies:
-        if reply is not None and reply.ok:
-            reply.png = encode_png(np.frombuffer(reply.data, np.uint8).reshape(reply.shape))
 
 
 def _job(task: str, index: int, payload: dict[str, bytes | str | int], deadline_ms: int) -> Job:

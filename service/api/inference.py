@@ -216,18 +216,15 @@ def sampler_settings(state: AppState, request: BaseModel) -> dict[str, object]:
 
 
 async def pngs(replies: Sequence[Reply], size: int) -> list[str]:
-    """The replies' uint8 images as base64 PNGs (those the direct lane encoded already, as they are);
-    large batches are encoded off the event loop."""
+    """The replies' uint8 images as base64 PNGs; large batches are encoded off the event loop."""
 
     def encode_all() -> list[str]:
         return [
-            base64.b64encode(
-                r.png or codecs.encode_png(np.frombuffer(r.data, np.uint8).reshape(r.shape))
-            ).decode()
+            base64.b64encode(codecs.encode_png(np.frombuffer(r.data, np.uint8).reshape(r.shape))).decode()
             for r in replies
         ]
 
-    if all(r.png for r in replies) or size * size * len(replies) <= codecs.INLINE_PIXELS:
+    if size * size * len(replies) <= codecs.INLINE_PIXELS:
         return encode_all()
     return await run_in_threadpool(encode_all)
 

@@ -21,7 +21,7 @@ from service.api.state import AppState
 from service.app import build_app
 from service.broker_protocol import now_ms
 from service.cli import embedded_direct_slots
-from service.codecs import encode_png, to_uint8
+from service.codecs import to_uint8
 from service.direct import SLOTS_PER_CORE, SMALL_GRAPHS_BYTES, DirectLane, default_slots
 from service.errors import DeadlineExceeded
 from service.runtimes.onnxruntime import OnnxRuntime
@@ -87,7 +87,6 @@ def test_direct_answers_are_the_runtimes_own(runtime: OnnxRuntime) -> None:
                 expected = runtime.encode(sent.reshape(-1, 3, size, size).astype(np.float32) / 255)
             else:
                 expected = to_uint8(runtime.decode(sent.reshape(-1, *runtime.config.latent_shape)))
-                assert [r.png for r in replies] == [encode_png(image) for image in expected]
             assert np.array_equal(got, expected)
         assert lane.busy == 0
 
@@ -182,8 +181,6 @@ def test_the_app_computes_a_lone_request_itself_and_queues_the_rest(
     assert "compute;dur=" in timing and one.headers["x-queue-ms"] == "0.0"
     decoded = http.post("/v1/decode", json=one.json(), headers={"Accept": "image/png"})
     assert decoded.status_code == 200 and decoded.headers["content-type"] == "image/png"
-    # PNG-encoded on the lane's thread, byte for byte what the API makes of a worker's reply.
-    assert decoded.content == encode_png(to_uint8(runtime.decode(z))[0])
     assert broker.submitted == []
     two = http.post("/v1/encode", files=[("file", png(size, 1)), ("file", png(size, 2))])
     assert two.status_code == 200 and [task for task, *_ in broker.submitted] == ["encode"]
