@@ -48,6 +48,8 @@ class AppState:
     images: ImageDecoder
     broker: BrokerClient | None = field(default=None, repr=False)
     lane: DirectLane | None = field(default=None, repr=False)
+    running: dict[str, int] = field(default_factory=dict, repr=False)
+    """Requests of each task between the start and the end of their jobs (`service.api.jobs.run_jobs`)."""
 
     @classmethod
     def load(cls, settings: Settings) -> AppState:

@@ -262,3 +262,23 @@ def test_requests_follow_the_replicas_queued_jobs_into_the_queue(
     assert [task for task, *_ in broker.submitted] == ["decode"]
     assert http.post("/v1/encode", files=[("file", png(runtime.config.image_size, 0))]).status_code == 200
     assert [task for task, *_ in broker.submitted] == ["decode"]
+
+
+def test_a_busy_replica_keeps_to_the_queue(runtime: OnnxRuntime, tiny_repository: Path) -> None:
+    """With as many of its decode requests running as the lane has slots, the next one queues even
+    though its queue has just drained (a batch boundary under load)."""
+    settings = Settings(redis_url="redis://unused", model_repository=tiny_repository, model_name="tiny")
+    state = AppState.for_model(settings, runtime.config)
+    broker = StandInBroker()
+    state.broker = broker  # type: ignore[assignment]
+    state.lane = DirectLane(runtime, slots=2)
+    http = TestClient(build_app(state))
+    z = np.ones(runtime.config.latent_shape, "<f4")
+    body = {"shape": list(z.shape), "dtype": "float32", "data": base64.b64encode(z.tobytes()).decode()}
+    state.running["decode"] = 2
+    assert http.post("/v1/decode", json=body).status_code == 200
+    assert [task for task, *_ in broker.submitted] == ["decode"]
+    assert state.running["decode"] == 2  # the request counted itself while it ran, then left
+    state.running["decode"] = 1
+    assert http.post("/v1/decode", json=body).status_code == 200
+    assert [task for task, *_ in broker.submitted] == ["decode"]  # computed in the lane
