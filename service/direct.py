@@ -2,14 +2,14 @@
 while it has a free slot, instead of the round trip through Redis and a worker.
 
 Why. On a CPU these graphs gain nothing from batching (`benchmarks/results/peers.json`: the encoder
-takes 6.0–6.1 ms of CPU per image at batch 1 and 6.0–6.4 ms at batch 16, the decoder 1.5–1.6 ms at
+takes 5.5–6.0 ms of CPU per image at batch 1 and 6.1–6.5 ms at batch 16, the decoder about 1.5 ms at
 both), so at low concurrency the queue only adds its cost: two Redis hops, a second process and
 about 2 ms per request (Server-Timing), which left the service at 0.58–0.77× a plain
-single-process server at concurrency 1 (0.81–0.89× with the lane). A replica with a free
-slot now runs the job on a thread of its own (ONNX Runtime releases the GIL); once its slots are
-busy, requests queue as before and the workers batch them, and the next requests follow them into
-the queue until the replica's queued jobs are answered (`service.api.jobs.open_lane`): no request
-overtakes one queued before it, and under load the traffic is the workers' batches, as before. Queue
+single-process server at concurrency 1 (0.81–0.95× with the lane, over several runs). A replica with a free
+slot now runs the job on a thread of its own (ONNX Runtime releases the GIL) while it is lightly
+loaded: fewer of its requests of that task running than the lane has slots, and none of them queued
+(`service.api.jobs.open_lane`). Otherwise requests queue as before and the workers batch them: no
+request overtakes one queued before it, and under load the traffic is the workers' batches. Queue
 bounds and admission still apply: a full queue is a 429 whether or not a slot is free.
 
 What it keeps and what it does not. The request's deadline and cost limit are the same (a job whose
