@@ -137,16 +137,16 @@ class DirectLane:
 
 
 def _job(task: str, index: int, payload: dict[str, bytes | str | int], deadline_ms: int) -> Job:
-    """A payload as the worker would read it from the stream (`service.batch.compute` takes jobs)."""
-    fields = {k.encode(): v if isinstance(v, bytes) else str(v).encode() for k, v in payload.items()}
-    return Job(
-        entry_id=b"direct",
-        task=task,
-        job_id=f"direct.{index}",
-        request_id="direct",
-        reply_key="",
-        deadline_ms=deadline_ms,
-        enqueued_ms=now_ms(),
-        fields=fields,
-        cost=int(payload.get("cost", 1)),
-    )
+    """A payload as the worker would read it from the stream (`service.batch.compute` takes jobs):
+    the envelope `BrokerClient.submit` adds, read back by `Job.from_entry`."""
+    envelope = {
+        "id": f"direct.{index}",
+        "rid": "direct",
+        "reply": "",
+        "deadline": deadline_ms,
+        "enq": now_ms(),
+    }
+    fields = {
+        k.encode(): v if isinstance(v, bytes) else str(v).encode() for k, v in {**envelope, **payload}.items()
+    }
+    return Job.from_entry(task, b"direct", fields)

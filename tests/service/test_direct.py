@@ -28,6 +28,7 @@ from service.runtimes.onnxruntime import OnnxRuntime
 from service.settings import Settings, SettingsError
 from tests.service.api.conftest import StandInBroker
 from tests.service.conftest import sample
+from tests.service.payloads import image_bytes, latent_json
 
 
 @pytest.fixture(scope="module")
@@ -153,28 +154,29 @@ def test_the_lane_needs_a_slot() -> None:
         DirectLane(object(), 0)  # type: ignore[arg-type]
 
 
-def png(size: int, seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
+def served(runtime: OnnxRuntime, repository: Path, slots: int) -> tuple[AppState, StandInBroker, TestClient]:
+    """The app with a direct lane of `slots` over the stand-in broker (what was queued is visible)."""
+    settings = Settings(redis_url="redis://unused", model_repository=repository, model_name="tiny")
+    state = AppState.for_model(settings, runtime.config)
+    broker = StandInBroker()
+    state.broker = broker  # type: ignore[assignment]
+    state.lane = DirectLane(runtime, slots=slots)
+    return state, broker, TestClient(build_app(state))
 
 
 def test_the_app_computes_a_lone_request_itself_and_queues_the_rest(
     runtime: OnnxRuntime, tiny_repository: Path
 ) -> None:
-    settings = Settings(redis_url="redis://unused", model_repository=tiny_repository, model_name="tiny")
-    state = AppState.for_model(settings, runtime.config)
-    broker = StandInBroker()
-    state.broker = broker  # type: ignore[assignment]
-    state.lane = DirectLane(runtime, slots=1)
-    http = TestClient(build_app(state))
+    _state, broker, http = served(runtime, tiny_repository, slots=1)
     size = runtime.config.image_size
-    one = http.post("/v1/encode", files=[("file", png(size, 0))])
+    one = http.post("/v1/encode", files=[("file", image_bytes(size, size, seed=0))])
     assert one.status_code == 200 and broker.submitted == []
     z = np.frombuffer(base64.b64decode(one.json()["data"]), "<f4").reshape(1, *runtime.config.latent_shape)
     expected = runtime.encode(
-        np.asarray(Image.open(io.BytesIO(png(size, 0))), np.float32).transpose(2, 0, 1)[None] / 255
+        np.asarray(Image.open(io.BytesIO(image_bytes(size, size, seed=0))), np.float32).transpose(2, 0, 1)[
+            None
+        ]
+        / 255
     )
     assert np.allclose(z, expected, atol=1e-5)
     timing = one.headers["server-timing"]
@@ -182,7 +184,10 @@ def test_the_app_computes_a_lone_request_itself_and_queues_the_rest(
     decoded = http.post("/v1/decode", json=one.json(), headers={"Accept": "image/png"})
     assert decoded.status_code == 200 and decoded.headers["content-type"] == "image/png"
     assert broker.submitted == []
-    two = http.post("/v1/encode", files=[("file", png(size, 1)), ("file", png(size, 2))])
+    two = http.post(
+        "/v1/encode",
+        files=[("file", image_bytes(size, size, seed=1)), ("file", image_bytes(size, size, seed=2))],
+    )
     assert two.status_code == 200 and [task for task, *_ in broker.submitted] == ["encode"]
     generated = http.post("/v1/generate", json={"class_label": 0, "seed": 3})
     assert generated.status_code == 200 and [task for task, *_ in broker.submitted] == ["encode", "generate"]
@@ -190,15 +195,10 @@ def test_the_app_computes_a_lone_request_itself_and_queues_the_rest(
 
 def test_a_full_queue_still_refuses_with_the_lane_free(runtime: OnnxRuntime, tiny_repository: Path) -> None:
     """Overload protection does not depend on where a request would have run."""
-    settings = Settings(redis_url="redis://unused", model_repository=tiny_repository, model_name="tiny")
-    state = AppState.for_model(settings, runtime.config)
-    broker = StandInBroker()
+    _state, broker, http = served(runtime, tiny_repository, slots=1)
     broker.full.add("decode")
-    state.broker = broker  # type: ignore[assignment]
-    state.lane = DirectLane(runtime, slots=1)
-    z = np.ones(runtime.config.latent_shape, "<f4")
-    body = {"shape": list(z.shape), "dtype": "float32", "data": base64.b64encode(z.tobytes()).decode()}
-    answer = TestClient(build_app(state)).post("/v1/decode", json=body)
+    body = latent_json(np.ones(runtime.config.latent_shape, "<f4"))
+    answer = http.post("/v1/decode", json=body)
     assert answer.status_code == 429 and "full" in answer.json()["detail"]
 
 
@@ -249,32 +249,26 @@ def test_requests_follow_the_replicas_queued_jobs_into_the_queue(
 ) -> None:
     """While this replica has decode jobs queued, a new decode request queues behind them even
     with the lane free; encode, with nothing queued, still goes direct."""
-    settings = Settings(redis_url="redis://unused", model_repository=tiny_repository, model_name="tiny")
-    state = AppState.for_model(settings, runtime.config)
-    broker = StandInBroker()
+    _state, broker, http = served(runtime, tiny_repository, slots=4)
     broker.queued = lambda task: 3 if task == "decode" else 0  # type: ignore[method-assign]
-    state.broker = broker  # type: ignore[assignment]
-    state.lane = DirectLane(runtime, slots=4)
-    http = TestClient(build_app(state))
-    z = np.ones(runtime.config.latent_shape, "<f4")
-    body = {"shape": list(z.shape), "dtype": "float32", "data": base64.b64encode(z.tobytes()).decode()}
+    body = latent_json(np.ones(runtime.config.latent_shape, "<f4"))
     assert http.post("/v1/decode", json=body).status_code == 200
     assert [task for task, *_ in broker.submitted] == ["decode"]
-    assert http.post("/v1/encode", files=[("file", png(runtime.config.image_size, 0))]).status_code == 200
+    assert (
+        http.post(
+            "/v1/encode",
+            files=[("file", image_bytes(runtime.config.image_size, runtime.config.image_size, seed=0))],
+        ).status_code
+        == 200
+    )
     assert [task for task, *_ in broker.submitted] == ["decode"]
 
 
 def test_a_busy_replica_keeps_to_the_queue(runtime: OnnxRuntime, tiny_repository: Path) -> None:
     """With as many of its decode requests running as the lane has slots, the next one queues even
     though its queue has just drained (a batch boundary under load)."""
-    settings = Settings(redis_url="redis://unused", model_repository=tiny_repository, model_name="tiny")
-    state = AppState.for_model(settings, runtime.config)
-    broker = StandInBroker()
-    state.broker = broker  # type: ignore[assignment]
-    state.lane = DirectLane(runtime, slots=2)
-    http = TestClient(build_app(state))
-    z = np.ones(runtime.config.latent_shape, "<f4")
-    body = {"shape": list(z.shape), "dtype": "float32", "data": base64.b64encode(z.tobytes()).decode()}
+    state, broker, http = served(runtime, tiny_repository, slots=2)
+    body = latent_json(np.ones(runtime.config.latent_shape, "<f4"))
     state.running["decode"] = 2
     assert http.post("/v1/decode", json=body).status_code == 200
     assert [task for task, *_ in broker.submitted] == ["decode"]
