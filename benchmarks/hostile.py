@@ -251,7 +251,7 @@ async def slow_connection(port: int, kind: str, limit_s: float) -> tuple[str, fl
     try:
         answer = await asyncio.wait_for(reader.read(), limit_s)
         closed = time.perf_counter() - start
-    except (asyncio.TimeoutError, ConnectionError):
+    except (TimeoutError, ConnectionError):
         answer, closed = b"", float("nan")
     finally:
         if feeder is not None:

@@ -11,7 +11,7 @@ import importlib.metadata
 import platform
 import shutil
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -261,7 +261,7 @@ def export_checkpoint(
             {
                 "name": name,
                 "version": chosen,
-                "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
                 "opset": opset,
                 "software": software_versions(),
                 "source_checkpoint": {

@@ -85,7 +85,7 @@ class BoundedCluster(RedisCluster):
     async def slot(self) -> AsyncIterator[None]:
         try:
             await asyncio.wait_for(self._slots.acquire(), self._pool_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise RedisConnectionError("No connection available.") from None
         try:
             yield

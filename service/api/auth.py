@@ -12,7 +12,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
 
-from service.api.state import State
+from service.api.state import AppState, State
 from service.errors import ServiceError
 from service.settings import Settings
 
@@ -33,6 +33,11 @@ async def require_key(
     request: Request, state: State, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
 ) -> None:
     """Dependency: 401 unless the request carries `Authorization: Bearer <API_KEY>` (when one is set)."""
+    check_key(state, request, credentials)
+
+
+def check_key(state: AppState, request: Request, credentials: HTTPAuthorizationCredentials | None) -> None:
+    """401 unless the request carries the API key (when one is set); `credentials` from `bearer`."""
     if has_key(state.settings, request.headers.get("authorization")):
         return
     if credentials is None or credentials.scheme.lower() != "bearer":

@@ -70,7 +70,7 @@ class ImageDecoder:
             timeout = max(deadline_ms - now_ms(), 1) / 1000
             try:
                 done = await asyncio.wait_for(asyncio.gather(*pending.values()), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise DeadlineExceeded(
                     "decoding the uploaded images did not finish within the request's deadline"
                 ) from None

@@ -14,6 +14,7 @@ import base64
 import json
 import secrets
 from collections.abc import Sequence
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
@@ -25,19 +26,29 @@ from export.repository import ModelConfig
 from model.sampling import SamplerConfig
 from service import codecs, cost, timing
 from service.api import bodies
-from service.api.auth import require_key
-from service.api.jobs import Deadline, admission, check_cost, run_jobs, timing_headers
+from service.api.jobs import TIMEOUT_PARAMETER, Admitted, admitted, check_cost, run_jobs, timing_headers
 from service.api.middleware import endpoint_label
 from service.api.negotiation import IMAGE_TYPES, JSON, MULTIPART, NPY, PNG, choose
 from service.api.openapi import BINARY, app_model, inference_responses, request_body
-from service.api.state import AppState, State
+from service.api.state import AppState
 from service.broker_protocol import Reply
 from service.errors import BadInput, NotAcceptable
 from service.schemas import EncodeResponse, ImageOut, ImagesResponse, LatentPayload
 
-router = APIRouter(tags=["inference"], dependencies=[Depends(require_key)])
+router = APIRouter(tags=["inference"])
 
 SAMPLER_FIELDS: tuple[str, ...] = ("sampler", "steps", "shift", "cfg_scale", "cfg_interval")
+
+EncodeCall = Annotated[Admitted, Depends(admitted("encode"))]
+DecodeCall = Annotated[Admitted, Depends(admitted("decode"))]
+GenerateCall = Annotated[Admitted, Depends(admitted("generate"))]
+"""Handler parameters: the API key, deadline and admission checks of each task's route."""
+
+
+def inference_request(content: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """`openapi_extra` of an inference route: its body's media types and the X-Request-Timeout
+    header, which `admitted` reads itself."""
+    return {**request_body(content), "parameters": [TIMEOUT_PARAMETER]}
 
 
 @router.post(
@@ -50,8 +61,7 @@ SAMPLER_FIELDS: tuple[str, ...] = ("sampler", "steps", "shift", "cfg_scale", "cf
     ),
     response_model=EncodeResponse,
     responses=inference_responses(NPY),
-    dependencies=[Depends(admission("encode"))],
-    openapi_extra=request_body(
+    openapi_extra=inference_request(
         {
             MULTIPART: {
                 "schema": {
@@ -66,7 +76,8 @@ SAMPLER_FIELDS: tuple[str, ...] = ("sampler", "steps", "shift", "cfg_scale", "cf
     ),
 )
 @endpoint_label("encode")
-async def encode(request: Request, state: State, due: Deadline) -> Response:
+async def encode(request: Request, call: EncodeCall) -> Response:
+    state, due = call.state, call.due
     settings = state.settings
     answer = choose(request.headers.get("accept"), (JSON, NPY))
     limits = codecs.ImageLimits(settings.max_image_pixels, settings.max_image_side, settings.max_image_aspect)
@@ -101,13 +112,13 @@ async def encode(request: Request, state: State, due: Deadline) -> Response:
     ),
     response_model=ImagesResponse,
     responses=inference_responses(PNG),
-    dependencies=[Depends(admission("decode"))],
-    openapi_extra=request_body(
+    openapi_extra=inference_request(
         {JSON: {"schema": LatentPayload.model_json_schema()}, NPY: {"schema": BINARY}}
     ),
 )
 @endpoint_label("decode")
-async def decode(request: Request, state: State, due: Deadline) -> Response:
+async def decode(request: Request, call: DecodeCall) -> Response:
+    state, due = call.state, call.due
     answer_format(request, 1)
     latents = await bodies.read_latents(request, state)
     answer = answer_format(request, len(latents))
@@ -129,11 +140,11 @@ async def decode(request: Request, state: State, due: Deadline) -> Response:
     ),
     response_model=ImagesResponse,
     responses=inference_responses(PNG),
-    dependencies=[Depends(admission("generate"))],
-    openapi_extra=request_body({JSON: {"schema": app_model("generate")}}),
+    openapi_extra=inference_request({JSON: {"schema": app_model("generate")}}),
 )
 @endpoint_label("generate")
-async def generate(request: Request, state: State, due: Deadline) -> Response:
+async def generate(request: Request, call: GenerateCall) -> Response:
+    state, due = call.state, call.due
     config = state.config
     answer_format(request, 1)
     body = await bodies.read_generate(request, state)

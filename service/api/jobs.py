@@ -3,7 +3,7 @@
 A handler turns its input into one payload per image or latent and hands them here; the broker
 enqueues them all or none and this module waits for the replies within the request's deadline,
 cancelling the jobs as soon as the client disconnects so no worker computes an answer nobody reads.
-Admission happens twice: `admission(task)` refuses (429) before the body is read when the queue
+Admission happens twice: `admitted(task)` refuses (429) before the body is read when the queue
 has no room at all, and the enqueue itself refuses when this request's jobs would pass a bound.
 """
 
@@ -11,37 +11,68 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Annotated, Any
+from dataclasses import dataclass
+from typing import Any
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.security import HTTPAuthorizationCredentials
+from pydantic import TypeAdapter, ValidationError
 
 from service import metrics, timing
-from service.api.state import AppState, State, on_loop
+from service.api.auth import bearer, check_key
+from service.api.state import AppState, State, state_of
 from service.broker_protocol import Reply, now_ms
 from service.direct import DirectLane
 from service.errors import BadInput, ClientGone, QueueFull
 
+TIMEOUT_HEADER = "x-request-timeout"
+_TIMEOUT_TEXT = "Seconds this request may take, at most REQUEST_TIMEOUT_S (a longer value is capped)."
+_TIMEOUT = TypeAdapter(float, config={"allow_inf_nan": False})
+TIMEOUT_PARAMETER: dict[str, Any] = {
+    "name": TIMEOUT_HEADER,
+    "in": "header",
+    "required": False,
+    "schema": {
+        "anyOf": [{"type": "number", "exclusiveMinimum": 0}, {"type": "null"}],
+        "description": _TIMEOUT_TEXT,
+        "title": "X-Request-Timeout",
+    },
+    "description": _TIMEOUT_TEXT,
+}
+"""The OpenAPI parameter of X-Request-Timeout, which `admitted` reads itself (so an inference
+route's checks are one dependency, see there)."""
 
-def request_deadline(
-    state: State,
-    x_request_timeout: Annotated[
-        float | None,
-        Header(
-            gt=0,
-            allow_inf_nan=False,
-            description="Seconds this request may take, at most REQUEST_TIMEOUT_S (a longer value is capped).",
-        ),
-    ] = None,
-) -> int:
-    """Dependency: the request's deadline in epoch ms, REQUEST_TIMEOUT_S or a shorter X-Request-Timeout."""
+
+def request_deadline(state: AppState, timeout_s: float | None) -> int:
+    """The request's deadline in epoch ms: REQUEST_TIMEOUT_S, or a shorter X-Request-Timeout."""
     timeout = state.settings.request_timeout_s
-    if x_request_timeout is not None:
-        timeout = min(timeout, x_request_timeout)
+    if timeout_s is not None:
+        timeout = min(timeout, timeout_s)
     return now_ms() + int(timeout * 1000)
 
 
-Deadline = Annotated[int, Depends(on_loop(request_deadline))]
-"""Handler parameter type: `due: Deadline` receives the request's deadline (epoch ms)."""
+def timeout_header(value: str | None) -> float | None:
+    """X-Request-Timeout as seconds: a finite number > 0, else the 422 FastAPI gives a bad header."""
+    if value is None:
+        return None
+    try:
+        seconds = _TIMEOUT.validate_python(value)
+        if seconds > 0:
+            return seconds
+        error = {"type": "greater_than", "msg": "Input should be greater than 0"}
+    except ValidationError as exc:
+        error = exc.errors()[0]
+    raise RequestValidationError([{**error, "loc": ("header", TIMEOUT_HEADER), "input": value}])
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """What an inference handler gets from `admitted(task)`."""
+
+    state: AppState
+    due: int
+    """The request's deadline, epoch ms."""
 
 
 def refusal(state: AppState, task: str) -> str | None:
@@ -69,22 +100,34 @@ def open_lane(state: AppState, task: str) -> DirectLane | None:
     return lane
 
 
-def admission(task: str) -> Callable[..., Coroutine[Any, Any, None]]:
-    """Dependency of a task's route: 429 before the body is read when the task cannot take a job
-    (`service.api.middleware.EarlyRefusal` answers the cases known without I/O even earlier)."""
+def admitted(task: str) -> Callable[..., Coroutine[Any, Any, Admitted]]:
+    """The one dependency of a task's route: the API key (401), the request's deadline (a bad
+    X-Request-Timeout is a 422), and admission: 429 before the body is read when the task cannot
+    take a job (`service.api.middleware.EarlyRefusal` answers the cases known without I/O even earlier).
 
-    async def admit(state: State) -> None:
+    One dependency, not one per check: FastAPI resolves each dependency of a route on every
+    request, and the four these checks were spread over cost 0.13 ms of the event loop's CPU per
+    request (measured at concurrency 1, about 5 % of a decode request's CPU).
+    """
+
+    async def admit(
+        request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
+    ) -> Admitted:
+        state = state_of(request.app)
+        check_key(state, request, credentials)
+        due = request_deadline(state, timeout_header(request.headers.get(TIMEOUT_HEADER)))
         try:
             why = refusal(state, task)
             if why is not None:
                 raise QueueFull(why)
             lane = open_lane(state, task)
-            if lane is not None and lane.free(task):
-                return  # a one-job request computes here; a larger one meets the enqueue's exact check
-            await state.jobs().admit(task)
+            if lane is None or not lane.free(task):
+                # A one-job request the lane will compute skips this; a larger one meets the enqueue's exact check.
+                await state.jobs().admit(task)
         except QueueFull:
             metrics.REJECTED.labels(task, "queue_full").inc()
             raise
+        return Admitted(state, due)
 
     return admit
 
