@@ -27,7 +27,6 @@ worker share one machine anyway.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from service import metrics, timing
 from service.batch import compute
 from service.broker_protocol import Job, Reply, now_ms
 from service.errors import DeadlineExceeded, JobFailed
+from service.hot_threads import HotThreads
 from service.runtimes.base import Runtime
 
 TASKS = ("encode", "decode")
@@ -70,9 +70,9 @@ class DirectLane:
         self.runtime = runtime
         self.slots = slots
         self.busy = 0
-        # Idle threads end with the interpreter; a request in flight at shutdown is finished first
-        # by uvicorn's graceful shutdown, so there is nothing to close.
-        self._executor = concurrent.futures.ThreadPoolExecutor(slots, thread_name_prefix="pae-direct")
+        # Daemon threads: a request in flight at shutdown is finished first by uvicorn's graceful
+        # shutdown, so there is nothing to close.
+        self._threads = HotThreads(slots, "pae-direct")
 
     def free(self, task: str) -> bool:
         """Whether a one-job request for `task` would be computed here now."""
@@ -102,7 +102,7 @@ class DirectLane:
                 outcome = (None, exc)
             loop.call_soon_threadsafe(self._finish, done, len(jobs), outcome)
 
-        self._executor.submit(run)
+        self._threads.submit(run)
         return self._replies(task, jobs, done)
 
     def _finish(self, done: asyncio.Future, count: int, outcome: tuple[object, BaseException | None]) -> None:
