@@ -11,7 +11,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -45,9 +45,14 @@ def _parse(task: str, job: Job, runtime: Runtime) -> np.ndarray | tuple[int, int
 
 
 def compute(
-    task: str, jobs: Sequence[Job], runtime: Runtime, watch: BatchWatch | None = None
+    task: str,
+    jobs: Sequence[Job],
+    runtime: Runtime,
+    watch: BatchWatch | None = None,
+    graph_batch: int | None = None,
 ) -> tuple[list[Reply | None], float]:
-    """Run one batch (all jobs of one task, generate jobs sharing sampler settings).
+    """Run one batch (all jobs of one task, generate jobs sharing sampler settings), an encode or
+    decode batch in graph calls of at most `graph_batch` (`service.graph_batch`).
 
     Returns one entry per job and the runtime's own time. A job whose payload cannot be parsed gets
     an error reply and is left out of the batch; a job `watch` finds abandoned (before the graph
@@ -74,9 +79,9 @@ def compute(
         out = None
         if task == "encode":
             images = np.stack(parsed).astype(np.float32) / 255.0
-            out, dtype = runtime.encode(images).astype("<f4"), "float32"
+            out, dtype = in_chunks(runtime.encode, images, graph_batch).astype("<f4"), "float32"
         elif task == "decode":
-            out, dtype = to_uint8(runtime.decode(np.stack(parsed))), "uint8"
+            out, dtype = to_uint8(in_chunks(runtime.decode, np.stack(parsed), graph_batch)), "uint8"
         else:
             sampler = SamplerConfig.from_dict(json.loads(jobs[index[0]].fields[b"sampler"]))
             labels = np.array([p[0] for p in parsed], dtype=np.int64)
@@ -98,6 +103,13 @@ def compute(
                 compute_ms=elapsed * 1000,
             )
     return replies, elapsed
+
+
+def in_chunks(run: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray, size: int | None) -> np.ndarray:
+    """`run` over `inputs` in calls of at most `size` (all at once when None), outputs concatenated."""
+    if size is None or len(inputs) <= size:
+        return run(inputs)
+    return np.concatenate([run(inputs[i : i + size]) for i in range(0, len(inputs), size)])
 
 
 def group_jobs(task: str, jobs: Sequence[Job]) -> list[list[Job]]:

@@ -21,6 +21,8 @@ ORT_PROVIDERS: tuple[str, ...] = ("cpu", "cuda", "tensorrt")
 
 _DEFAULT_MAX_BATCH = {"encode": 16, "decode": 16, "generate": 8}
 _DEFAULT_MAX_WAIT_MS = {"encode": 5, "decode": 5, "generate": 10}
+GRAPH_BATCH_TASKS: tuple[str, ...] = ("encode", "decode")
+"""Tasks whose graph calls run a batch in chunks (`service.graph_batch`; 0, the default, measures)."""
 
 
 def usable_cores() -> int:
@@ -134,6 +136,7 @@ class Settings:
     ort_inter_op_threads: int = 1
     max_batch_size: dict[str, int] = field(default_factory=lambda: dict(_DEFAULT_MAX_BATCH))
     max_wait_ms: dict[str, int] = field(default_factory=lambda: dict(_DEFAULT_MAX_WAIT_MS))
+    graph_batch_size: dict[str, int] = field(default_factory=dict)
     queue_max_len: int = 256
     request_timeout_s: float = 60.0
     api_key: str | None = field(default=None, repr=False)
@@ -194,6 +197,9 @@ class Settings:
             task: _int(env, f"MAX_WAIT_MS_{task.upper()}", _DEFAULT_MAX_WAIT_MS[task], 0, 10_000)
             for task in TASKS
         }
+        graph_batch = {
+            task: _int(env, f"GRAPH_BATCH_SIZE_{task.upper()}", 0, 0, 1024) for task in GRAPH_BATCH_TASKS
+        }
         redis_url = _optional(env, "REDIS_URL")
         if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise SettingsError(
@@ -236,6 +242,7 @@ class Settings:
             ort_inter_op_threads=_int(env, "ORT_INTER_OP_THREADS", 1, 0, 1024),
             max_batch_size=max_batch,
             max_wait_ms=max_wait,
+            graph_batch_size=graph_batch,
             queue_max_len=_int(env, "QUEUE_MAX_LEN", 256, 1, 10_000_000),
             request_timeout_s=_float(env, "REQUEST_TIMEOUT_S", 60.0, 0.0, 3600.0),
             api_key=_optional(env, "API_KEY"),

@@ -40,6 +40,7 @@ from service.batch import compute, group_jobs
 from service.broker_protocol import Job, Keys, Reply, ensure_groups, now_ms
 from service.broker_worker import BrokerWorker
 from service.cancellation import BatchWatch
+from service.graph_batch import graph_batches
 from service.redis_client import describe, open_redis
 from service.runtimes.base import Runtime
 from service.settings import TASKS, Settings
@@ -90,6 +91,9 @@ class Worker:
         self._finished = 0  # batches finished so far, all tasks: a change means a thread freed
         self.batch_threads = settings.batch_threads
         self._executor = ThreadPoolExecutor(max_workers=self.batch_threads, thread_name_prefix="pae-compute")
+        self.graph_batch = graph_batches(
+            runtime, self.tasks, settings.max_batch_size, settings.graph_batch_size
+        )
         self.started = threading.Event()
         info = runtime.info()
         metrics.MODEL_INFO.labels(
@@ -150,6 +154,7 @@ class Worker:
             "pid": os.getpid(),
             "tasks": list(self.tasks),
             "max_batch_size": {t: self.settings.max_batch_size[t] for t in self.tasks},
+            "graph_batch_size": self.graph_batch,
             "compute_threads": self.batch_threads,
             **self.runtime.info(),
         }
@@ -381,7 +386,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         try:
             replies, elapsed = await loop.run_in_executor(
-                self._executor, compute, task, jobs, self.runtime, watch
+                self._executor, compute, task, jobs, self.runtime, watch, self.graph_batch.get(task)
             )
         except Exception as exc:
             if len(jobs) == 1:

@@ -79,6 +79,9 @@ def make_settings(repository: Path, redis_url: str | None, **overrides: object) 
         ort_intra_op_threads=1,
         max_batch_size={"encode": 8, "decode": 8, "generate": 8},
         max_wait_ms={"encode": 2, "decode": 2, "generate": 20},
+        # A batch's graph runs in one call, as the batching tests count calls (the measured size
+        # is tested in test_graph_batch).
+        graph_batch_size={"encode": 8, "decode": 8},
         queue_max_len=64,
         request_timeout_s=20.0,
         max_num_images=8,
