@@ -43,11 +43,13 @@ SMALL_GRAPHS_BYTES = 256 * 1024 * 1024
 """`default_slots` turns the lane on only when encoder + decoder fit in this: a second copy of a
 full-size encoder (DINOv2-L: over 1 GB) in the API process costs memory and buys nothing, since
 its seconds of compute dwarf a Redis hop."""
-SLOTS_PER_CORE = 4
+SLOTS_PER_CORE = 8
 """`default_slots` gives each usable core this many slots: a request's Python (HTTP, JSON, PNG) and its
-graph call alternate, so one slot per core leaves cores idle between calls; with 1 slot per core
-the service fell further behind the plain server at concurrency 8 (encode 0.79×, decode 0.71×)
-than with 4 (0.97×, 0.87×; `benchmarks.peers`, one repetition each, so noisy)."""
+graph call alternate, so one slot per core leaves cores idle between calls (with 1 per core the
+service fell further behind the plain server at concurrency 8 than with 4: encode 0.79× against
+0.97×). 8 per core keeps concurrency 16 in the lane on 2 cores, where the queue and batching only
+add cost on a CPU: at concurrency 16, 16 slots served 277/256 encode and 579/535 decode req/s
+against 253/218 and 563/510 with 8 (two alternating repetitions, `benchmarks.peers`' client)."""
 
 
 def default_slots(version_dir: Path, cores: int, concurrent_runs: bool = True) -> int:
