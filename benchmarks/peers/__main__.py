@@ -5,10 +5,12 @@
 
 Servers (benchmarks/peers/servers.py): this service as `make run` starts it, a plain single-process
 FastAPI + ONNX Runtime server (no queue, no batching), and Ray Serve with `@serve.batch` when Ray is
-installed (`pip install -e '.[peers]'`; skipped with a message otherwise). Each runs alone; one
-closed-loop client (benchmarks/peers/client.py) checks every answer against the reference graphs.
+installed (`pip install -e '.[peers]'`; skipped with a message otherwise). The service and the plain
+server run side by side and take turns point by point, so a drift of the machine's speed falls on
+both alike; Ray Serve, whose idle processes take a tenth of a core, runs alone. One closed-loop
+client (benchmarks/peers/client.py) checks every answer against the reference graphs.
 Every repetition measures the graphs' ceiling (batch 1 and batch `--batch`, nothing else running),
-then each server in turn, in reverse order on the next repetition. Writes
+then the servers, in reverse order on the next repetition. Writes
 `benchmarks/results/peers.json`, `peers.png` and prints a markdown table.
 
 Every server's sessions get the same ONNX Runtime options (`--ort-threads` intra-op threads, one by
@@ -116,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 "plain": "benchmarks/peers/plain.py: FastAPI, synchronous handlers, ONNX Runtime at batch 1",
                 "ray": "benchmarks/peers/ray_peer.py: Ray Serve, one replica per compute thread, @serve.batch(16, 5 ms)",
                 "client": "benchmarks/peers/client.py: keep-alive HTTP/1.1 closed loop, every answer checked",
+                "order": "service and plain up together, alternating point by point; ray alone (sweep.TOGETHER)",
                 "ort": f"service.runtimes.onnxruntime.session_options(intra_op_threads={args.ort_threads}, 1)",
             },
             "targets": TARGETS,

@@ -1,5 +1,6 @@
-"""The measurement loop: each server alone, every endpoint at every concurrency, repeated with the
-servers' order reversed each time, and the graphs' compute ceiling measured in every repetition."""
+"""The measurement loop: every endpoint at every concurrency on each server, repeated with the order
+reversed each time, and the graphs' compute ceiling measured in every repetition. The service and
+the plain server run side by side and take turns point by point; Ray Serve runs alone (`TOGETHER`)."""
 
 from __future__ import annotations
 
@@ -96,6 +97,14 @@ def profile_point(
     return {"concurrency": concurrency, "percent_of_gil_samples": profiler.stages()}
 
 
+TOGETHER: tuple[str, ...] = ("service", "plain")
+"""Servers that idle at under 2 % of a core (service 13 ms of CPU per second, plain 4 ms): they run
+side by side and take turns point by point, so a drift of the VM's speed during a repetition (runs
+here have seen 10 % between its start and its end) falls on both alike. Ray Serve's idle processes
+take 100 ms of CPU per second (GCS, raylet, controller, dashboard), enough to slow whoever shares the
+machine with it, so it runs alone."""
+
+
 def run_sweep(
     plan: Plan, version_dir: Path, workload: Workload, log: Callable[[str], None] = print
 ) -> tuple[dict, list[dict], dict]:
@@ -106,31 +115,57 @@ def run_sweep(
     }
     ceilings = []
     profiles: dict[str, dict] = {}
+    together = [s for s in plan.servers if s in TOGETHER]
+    groups = ([together] if together else []) + [[s] for s in plan.servers if s not in TOGETHER]
     with tempfile.TemporaryDirectory(prefix="pae-peers-") as logs:
         for rep in range(plan.repetitions):
             ceiling = graph_ceiling(version_dir, plan.threads, plan.batch, plan.ceiling_s)
             ceilings.append(ceiling)
             log(f"rep {rep + 1}: ceiling {ceiling}")
-            order = list(plan.servers) if rep % 2 == 0 else list(reversed(plan.servers))
-            for name in order:
-                server = start_server(name, version_dir, plan.threads, Path(logs) / f"rep{rep}")
+            for group in groups if rep % 2 == 0 else reversed(groups):
+                servers: list[Running] = []
                 try:
-                    for endpoint in plan.endpoints:
-                        drive(closed_loop(workload, endpoint, server.port, WARMUP_CONCURRENCY, WARMUP_S))
-                        for c in plan.concurrency:
-                            point = measure(server, workload, endpoint, c, plan.duration_s)
-                            point["load_average"] = round(os.getloadavg()[0], 2)
-                            runs[name][endpoint][str(c)].append(point)
-                            log(
-                                f"rep {rep + 1} {name:8s} {endpoint:7s} c={c:<3d} {point['rps']:8.1f} req/s "
-                                f"p50 {point['p50_ms']} ms, server {point['server_cores']} cores, "
-                                f"errors {point['errors']}"
-                            )
-                        if plan.profile and rep == 0:
-                            top = max(plan.concurrency)
-                            found = profile_point(server, workload, endpoint, top, plan.duration_s)
-                            profiles.setdefault(name, {})[endpoint] = found
-                            log(f"profile {name} {endpoint} c={top}: {found['percent_of_gil_samples']}")
+                    for name in group:
+                        servers.append(
+                            start_server(name, version_dir, plan.threads, Path(logs) / f"rep{rep}")
+                        )
+                    _measure_group(plan, rep, servers, workload, runs, profiles, log)
                 finally:
-                    server.stop()
+                    for server in servers:
+                        server.stop()
     return runs, ceilings, profiles
+
+
+def _measure_group(
+    plan: Plan,
+    rep: int,
+    servers: Sequence[Running],
+    workload: Workload,
+    runs: dict,
+    profiles: dict,
+    log: Callable[[str], None],
+) -> None:
+    """Every endpoint and concurrency on each of `servers` in turn, the order alternating from one
+    point to the next (and between repetitions)."""
+    point_index = rep
+    for endpoint in plan.endpoints:
+        for server in servers:
+            drive(closed_loop(workload, endpoint, server.port, WARMUP_CONCURRENCY, WARMUP_S))
+        for c in plan.concurrency:
+            order = list(servers) if point_index % 2 == 0 else list(reversed(servers))
+            point_index += 1
+            for server in order:
+                point = measure(server, workload, endpoint, c, plan.duration_s)
+                point["load_average"] = round(os.getloadavg()[0], 2)
+                runs[server.name][endpoint][str(c)].append(point)
+                log(
+                    f"rep {rep + 1} {server.name:8s} {endpoint:7s} c={c:<3d} {point['rps']:8.1f} req/s "
+                    f"p50 {point['p50_ms']} ms, server {point['server_cores']} cores, "
+                    f"errors {point['errors']}"
+                )
+        if plan.profile and rep == 0:
+            top = max(plan.concurrency)
+            for server in servers:
+                found = profile_point(server, workload, endpoint, top, plan.duration_s)
+                profiles.setdefault(server.name, {})[endpoint] = found
+                log(f"profile {server.name} {endpoint} c={top}: {found['percent_of_gil_samples']}")
