@@ -1,11 +1,11 @@
 """The direct lane: an API replica that holds the encoder and decoder computes a request itself
 while it has a free slot, instead of the round trip through Redis and a worker.
 
-Why. On a CPU these graphs gain nothing from batching (`benchmarks/results/peers.json`: the encoder
-takes 5.5–6.0 ms of CPU per image at batch 1 and 6.1–6.5 ms at batch 16, the decoder about 1.5 ms at
-both), so at low concurrency the queue only adds its cost: two Redis hops, a second process and
-about 2 ms per request (Server-Timing), which left the service at 0.58–0.77× a plain
-single-process server at concurrency 1 (0.81–0.95× with the lane, over several runs). A replica with a free
+Why. On a CPU these graphs gain little or nothing from batching (`benchmarks/results/peers.json`:
+the encoder takes 5.6–5.7 ms of CPU per image at batch 1 and 5.9 ms at batch 16, the decoder about
+1.4 ms at both), so at low concurrency the queue only adds its cost: two Redis hops, a second
+process and about 2 ms per request (Server-Timing), which left the service at 0.58–0.77× a plain
+single-process server at concurrency 1 (0.94–0.97× with the lane, same JSON). A replica with a free
 slot now runs the job on a thread of its own (ONNX Runtime releases the GIL) while it is lightly
 loaded: fewer of its requests of that task running than the lane has slots, and none of them queued
 (`service.api.jobs.open_lane`). Otherwise requests queue as before and the workers batch them: no
@@ -47,9 +47,10 @@ SLOTS_PER_CORE = 8
 """`default_slots` gives each usable core this many slots: a request's Python (HTTP, JSON, PNG) and its
 graph call alternate, so one slot per core leaves cores idle between calls (with 1 per core the
 service fell further behind the plain server at concurrency 8 than with 4: encode 0.79× against
-0.97×). 8 per core keeps concurrency 16 in the lane on 2 cores, where the queue and batching only
-add cost on a CPU: at concurrency 16, 16 slots served 277/256 encode and 579/535 decode req/s
-against 253/218 and 563/510 with 8 (two alternating repetitions, `benchmarks.peers`' client)."""
+0.97×). 8 per core keeps concurrency 16 in the lane on 2 cores; measured against 4 per core there,
+it makes no difference (encode 253/260 and 258/249 req/s, decode 530/531 and 533/526; `python -m
+benchmarks.peers.ab --config DIRECT_SLOTS=8 --config DIRECT_SLOTS=16 --plain` →
+benchmarks/results/peers_ab.json)."""
 
 
 def default_slots(version_dir: Path, cores: int, concurrent_runs: bool = True) -> int:

@@ -2,9 +2,9 @@
 
 A worker reads up to MAX_BATCH_SIZE jobs at once to spread its Redis round trips and bookkeeping,
 but a graph is not always cheapest per image at its largest batch. On a CPU this project's encoder
-costs 5.9 ms of CPU per image at batch 2–4 and 6.4 ms at batch 16, the decoder 1.41 ms at batch 4
-and 1.56 ms at batch 16 (one ONNX Runtime thread, the 2-core VM): caches hold a small batch's
-activations, not a large one's. So the worker runs a batch's graph calls in chunks of the size
+costs 5.6–5.7 ms of CPU per image at batch 1 and 5.9 ms at batch 16 (one ONNX Runtime thread, the
+2-core VM, `benchmarks/results/peers.json`'s ceilings; 6.0–6.5 at batch 16 in earlier runs): caches
+hold a small batch's activations, not a large one's. So the worker runs a batch's graph calls in chunks of the size
 measured here (Triton calls the same idea a preferred batch size; its model analyzer measures it
 offline, this measures on the machine that serves). On a GPU, larger batches are cheaper per image,
 and graphs slower than `SLOW_CALL_S` at batch 1 (the released ImageNet encoder takes a second on

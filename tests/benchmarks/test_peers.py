@@ -90,3 +90,18 @@ def test_profile_samples_go_to_the_innermost_named_stage() -> None:
         "event loop, other": 20.0,
         "samples": 5,
     }
+
+
+def test_ab_compares_service_settings_side_by_side(tiny_repository: Path, tmp_path: Path) -> None:  # noqa: F811
+    from benchmarks.peers import ab
+
+    out = tmp_path / "ab.json"
+    args = ["--config", "DIRECT_SLOTS=0", "--config", "DIRECT_SLOTS=2", "--plain", "--endpoints", "decode"]
+    args += ["--concurrency", "2", "--duration", "0.5", "--repetitions", "1", "--warmup-seconds", "0.2"]
+    result = ab.main([*args, "--repository", str(tiny_repository), "--model", "tiny", "--out", str(out)])
+    assert json.loads(out.read_text())["rps"] == result["rps"]
+    assert set(result["rps"]) == {"DIRECT_SLOTS=0", "DIRECT_SLOTS=2", "plain"}
+    assert all(result["rps"][c]["decode"]["2"][0] > 0 for c in result["rps"])
+    assert "quotable" in result
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        ab.parse_config("DIRECT_SLOTS")
