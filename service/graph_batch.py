@@ -31,7 +31,8 @@ TOLERANCE = 1.03
 
 
 def per_image_s(run: Callable[[np.ndarray], object], example: np.ndarray, batch: int) -> float:
-    """Seconds per image of `run` on `batch` copies of `example`, over about BUDGET_S."""
+    """Seconds per image of `run` on `batch` copies of `example`, over about BUDGET_S (one timed
+    call for a graph slower than SLOW_CALL_S: the release's encoder takes a second per call here)."""
     inputs = np.repeat(example[None], batch, axis=0)
     run(inputs)
     calls, start = 0, time.perf_counter()
@@ -39,7 +40,7 @@ def per_image_s(run: Callable[[np.ndarray], object], example: np.ndarray, batch:
         run(inputs)
         calls += 1
         elapsed = time.perf_counter() - start
-        if elapsed >= BUDGET_S and calls >= 3:
+        if elapsed >= BUDGET_S and (calls >= 3 or elapsed / calls > SLOW_CALL_S):
             return elapsed / (calls * batch)
 
 
