@@ -47,21 +47,11 @@ def parse_config(text: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def started(config: str, version_dir: Path, threads: int, logs: Path) -> Iterator[Running]:
-    """The plain server, or `pae-serve` with the configuration's variables set while it starts."""
+    """The plain server, or `pae-serve` with the configuration's variables."""
     if config == PLAIN:
         server = start_server("plain", version_dir, threads, logs)
     else:
-        env = parse_config(config)
-        saved = {name: os.environ.get(name) for name in env}
-        os.environ.update(env)
-        try:
-            server = start_server("service", version_dir, threads, logs)
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
+        server = start_server("service", version_dir, threads, logs, parse_config(config))
     try:
         yield server
     finally:

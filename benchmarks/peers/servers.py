@@ -19,6 +19,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,11 +75,14 @@ class Running:
                         os.kill(int(entry.name), signal.SIGKILL)
 
 
-def start_server(name: str, version_dir: Path, threads: int, log_dir: Path) -> Running:
-    """Start one server on a free port and wait until it answers its probe."""
+def start_server(
+    name: str, version_dir: Path, threads: int, log_dir: Path, extra_env: Mapping[str, str] | None = None
+) -> Running:
+    """Start one server on a free port, with `extra_env` over this process's environment, and wait
+    until it answers its probe."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
-    env.update({"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    env.update({"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(extra_env or {})})
     if name == "service":
         env.update(
             {

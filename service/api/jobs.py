@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials
-from pydantic import TypeAdapter, ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 
 from service import metrics, timing
 from service.api.auth import bearer, check_key
@@ -28,13 +28,13 @@ from service.errors import BadInput, ClientGone, QueueFull
 
 TIMEOUT_HEADER = "x-request-timeout"
 _TIMEOUT_TEXT = "Seconds this request may take, at most REQUEST_TIMEOUT_S (a longer value is capped)."
-_TIMEOUT = TypeAdapter(float, config={"allow_inf_nan": False})
+_TIMEOUT = TypeAdapter(Annotated[float, Field(gt=0, allow_inf_nan=False)])
 TIMEOUT_PARAMETER: dict[str, Any] = {
     "name": TIMEOUT_HEADER,
     "in": "header",
     "required": False,
     "schema": {
-        "anyOf": [{"type": "number", "exclusiveMinimum": 0}, {"type": "null"}],
+        "anyOf": [_TIMEOUT.json_schema(), {"type": "null"}],
         "description": _TIMEOUT_TEXT,
         "title": "X-Request-Timeout",
     },
@@ -57,13 +57,10 @@ def timeout_header(value: str | None) -> float | None:
     if value is None:
         return None
     try:
-        seconds = _TIMEOUT.validate_python(value)
-        if seconds > 0:
-            return seconds
-        error = {"type": "greater_than", "msg": "Input should be greater than 0"}
+        return _TIMEOUT.validate_python(value)
     except ValidationError as exc:
-        error = exc.errors()[0]
-    raise RequestValidationError([{**error, "loc": ("header", TIMEOUT_HEADER), "input": value}])
+        error = {**exc.errors()[0], "loc": ("header", TIMEOUT_HEADER), "input": value}
+        raise RequestValidationError([error]) from None
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,10 @@ plain module-level functions rather than closures over a factory's locals: a tes
 
 from __future__ import annotations
 
-import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Annotated, ParamSpec, TypeVar
+from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
 from redis.exceptions import RedisError
@@ -28,9 +27,6 @@ from service.runtimes import load_runtime
 from service.schemas import Readiness, Schemas, build_schemas
 from service.settings import TASKS, Settings, SettingsError
 from service.worker import HEARTBEAT_TTL_MS
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 
 @dataclass
@@ -138,21 +134,6 @@ class AppState:
             reasons=reasons,
         )
         return state, workers
-
-
-def on_loop(dependency: Callable[P, R]) -> Callable[P, Awaitable[R]]:
-    """`dependency` (a quick, non-blocking function) as a coroutine with the same signature.
-
-    FastAPI runs a plain `def` dependency on its thread pool: a thread hop and a GIL hand-over per
-    request for a function that takes microseconds. Every dependency on the request path is async,
-    either written so or wrapped in this.
-    """
-
-    @functools.wraps(dependency)
-    async def on_the_loop(*args: P.args, **kwargs: P.kwargs) -> R:
-        return dependency(*args, **kwargs)
-
-    return on_the_loop
 
 
 def attach(app: FastAPI, state: AppState) -> None:

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import base64
 import inspect
-import threading
 
 import numpy as np
-from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
 
 from service import timing
 from service.api import inference
-from service.api.state import on_loop
 from tests.service.api.conftest import CONFIG
 
 
@@ -65,22 +62,6 @@ def test_wait_splits_into_queue_compute_and_transit() -> None:
 
 def test_request_path_dependencies_run_on_the_event_loop() -> None:
     """A plain `def` dependency would run on FastAPI's thread pool: a thread hop per request."""
-    seen: list[str] = []
-
-    def where(value: int = 1) -> int:
-        seen.append(threading.current_thread().name)
-        return value
-
-    app = FastAPI()
-
-    @app.get("/probe")
-    async def probe(value: int = Depends(on_loop(where))) -> dict[str, int]:
-        seen.append(threading.current_thread().name)
-        return {"value": value}
-
-    with TestClient(app) as client:
-        assert client.get("/probe", params={"value": 3}).json() == {"value": 3}
-    assert len(seen) == 2 and seen[0] == seen[1]
     decode = next(r for r in inference.router.routes if getattr(r, "path", "") == "/v1/decode")
     pending = list(decode.dependant.dependencies)
     while pending:
