@@ -235,7 +235,10 @@ def test_generate_batches_only_matching_sampler_settings(
             jobs_a = [{"label": "0", "seed": str(s), "sampler": key_a} for s in (1, 2, 3)]
             jobs_b = [{"label": "2", "seed": str(s), "sampler": key_b} for s in (1, 2)]
             deadline = now_ms() + 20_000
+            # A's jobs queued before B's: the worker splits what it reads over its idle compute
+            # threads in arrival order, so an interleaving would split a setting across two batches.
             a = asyncio.create_task(h.client.submit("generate", jobs_a, deadline))
+            await h.queued("generate", 3)
             b = asyncio.create_task(h.client.submit("generate", jobs_b, deadline))
             await h.queued("generate", 5)
             await h.start_worker()
