@@ -123,10 +123,10 @@ class DirectLane:
     async def _replies(self, task: str, jobs: list[Job], done: asyncio.Future) -> list[Reply]:
         timing.mark("enqueue")
         replies, elapsed = await done
-        metrics.DIRECT_JOBS.labels(task).inc(len(jobs))
-        metrics.QUEUE_WAIT.labels(task).observe(0.0)
-        metrics.COMPUTE.labels(task).observe(elapsed)
-        metrics.BATCH_SIZE.labels(task).observe(len(jobs))
+        metrics.child(metrics.DIRECT_JOBS, task).inc(len(jobs))
+        metrics.child(metrics.QUEUE_WAIT, task).observe(0.0)
+        metrics.child(metrics.COMPUTE, task).observe(elapsed)
+        metrics.child(metrics.BATCH_SIZE, task).observe(len(jobs))
         timing.mark("wait")
         out = []
         for reply in replies:

@@ -15,7 +15,7 @@ Stages, in milliseconds:
 - `app`: all of it, from the app's first look at the request to the first byte of its answer.
 
 What `app` leaves out of the client's latency is HTTP parsing, the connection and the client itself.
-The timer lives in a context variable set by `ServerTiming`, so the code that marks a stage (the
+The timer lives in a context variable set for each request (`start`), so the code that marks a stage (the
 handlers, the broker) needs no parameter for it, and outside a request `mark` does nothing.
 """
 
@@ -23,10 +23,6 @@ from __future__ import annotations
 
 import contextvars
 import time
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _current: contextvars.ContextVar[StageTimer | None] = contextvars.ContextVar("pae_stage_timer", default=None)
 
@@ -67,30 +63,20 @@ def note(stage: str, ms: float) -> None:
         timer.stages[stage] = ms
 
 
-class ServerTiming:
-    """ASGI middleware: a timer per HTTP request, its stages in the `Server-Timing` header.
+def start() -> tuple[StageTimer, contextvars.Token[StageTimer | None]]:
+    """Time a request from now (`service.api.middleware.RequestEdge` does, for every HTTP request);
+    `stop(token)` when it is answered."""
+    timer = StageTimer()
+    return timer, _current.set(timer)
 
-    Whatever happens between the last mark and the answer's first byte is the `encode` stage.
-    """
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+def stop(token: contextvars.Token[StageTimer | None]) -> None:
+    _current.reset(token)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        timer = StageTimer()
-        token = _current.set(timer)
 
-        async def send_with_timing(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                if timer.stages:
-                    timer.mark("encode")
-                message["headers"] = [*message.get("headers", ()), (b"server-timing", timer.header())]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_timing)
-        finally:
-            _current.reset(token)
+def header_of(timer: StageTimer) -> tuple[bytes, bytes]:
+    """The `Server-Timing` header of a request answered now: whatever happened since its last mark
+    is the `encode` stage."""
+    if timer.stages:
+        timer.mark("encode")
+    return (b"server-timing", timer.header())

@@ -26,7 +26,15 @@ from export.repository import ModelConfig
 from model.sampling import SamplerConfig
 from service import codecs, cost, timing
 from service.api import bodies
-from service.api.jobs import TIMEOUT_PARAMETER, Admitted, admitted, check_cost, run_jobs, timing_headers
+from service.api.jobs import (
+    TIMEOUT_PARAMETER,
+    Admitted,
+    InferenceRoute,
+    admitted,
+    check_cost,
+    run_jobs,
+    timing_headers,
+)
 from service.api.middleware import endpoint_label
 from service.api.negotiation import IMAGE_TYPES, JSON, MULTIPART, NPY, PNG, choose
 from service.api.openapi import BINARY, app_model, inference_responses, request_body
@@ -35,7 +43,7 @@ from service.broker_protocol import Reply
 from service.errors import BadInput, NotAcceptable
 from service.schemas import EncodeResponse, ImageOut, ImagesResponse, LatentPayload
 
-router = APIRouter(tags=["inference"])
+router = APIRouter(tags=["inference"], route_class=InferenceRoute)
 
 SAMPLER_FIELDS: tuple[str, ...] = ("sampler", "steps", "shift", "cfg_scale", "cfg_interval")
 

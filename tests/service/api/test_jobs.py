@@ -1,11 +1,17 @@
-"""The request deadline from REQUEST_TIMEOUT_S and X-Request-Timeout, and the cost limit."""
+"""The request deadline from REQUEST_TIMEOUT_S and X-Request-Timeout, the cost limit, and the
+inference routes' direct call of their one dependency."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Annotated
+
 import pytest
+from fastapi import APIRouter, Depends, Request
 from fastapi.testclient import TestClient
 
-from service.api.jobs import check_cost, request_deadline
+from service.api import inference
+from service.api.jobs import TIMEOUT_HEADER, Admitted, InferenceRoute, admitted, check_cost, request_deadline
 from service.api.state import AppState
 from service.broker_protocol import now_ms
 from service.errors import BadInput
@@ -38,3 +44,50 @@ def test_a_request_over_the_cost_limit_is_422_naming_it(state: AppState) -> None
     with pytest.raises(BadInput, match="MAX_REQUEST_COST") as caught:
         check_cost(state, "generate", state.settings.max_request_cost + 1, "one too many")
     assert caught.value.status == 422 and "one too many" in caught.value.message
+
+
+def test_inference_routes_call_their_admission_directly(http: TestClient) -> None:
+    """Each inference route is an InferenceRoute, and still FastAPI's: 405 for a wrong method, its
+    API-key security scheme and timeout header in the OpenAPI document."""
+    routes = {r.path: r for r in inference.router.routes}
+    assert {p for p, r in routes.items() if isinstance(r, InferenceRoute)} == {
+        "/v1/encode",
+        "/v1/decode",
+        "/v1/generate",
+    }
+    assert http.get("/v1/decode").status_code == 405
+    operation = http.get("/openapi.json").json()["paths"]["/v1/encode"]["post"]
+    assert operation["security"] and any(p["name"] == TIMEOUT_HEADER for p in operation["parameters"])
+
+
+async def _other_dependency() -> int:
+    return 1
+
+
+async def _well_formed(request: Request, call: Annotated[Admitted, Depends(admitted("decode"))]) -> None: ...
+
+
+async def _extra_parameter(
+    request: Request, call: Annotated[Admitted, Depends(admitted("decode"))], n: int = 0
+) -> None: ...
+
+
+async def _other_dependency_only(
+    request: Request, call: Annotated[int, Depends(_other_dependency)]
+) -> None: ...
+
+
+async def _no_request(call: Annotated[Admitted, Depends(admitted("decode"))]) -> None: ...
+
+
+def _not_async(request: Request, call: Annotated[Admitted, Depends(admitted("decode"))]) -> None: ...
+
+
+@pytest.mark.parametrize("endpoint", [_extra_parameter, _other_dependency_only, _no_request, _not_async])
+def test_an_inference_route_refuses_an_endpoint_it_would_call_wrongly(
+    endpoint: Callable[..., object],
+) -> None:
+    router = APIRouter(route_class=InferenceRoute)
+    router.post("/ok")(_well_formed)
+    with pytest.raises(TypeError, match="/bad: an InferenceRoute endpoint is `async def`"):
+        router.post("/bad")(endpoint)
