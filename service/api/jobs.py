@@ -103,7 +103,7 @@ def open_lane(state: AppState, task: str) -> DirectLane | None:
 def admitted(task: str) -> Callable[..., Coroutine[Any, Any, Admitted]]:
     """The one dependency of a task's route: the API key (401), the request's deadline (a bad
     X-Request-Timeout is a 422), and admission: 429 before the body is read when the task cannot
-    take a job (`service.api.middleware.EarlyRefusal` answers the cases known without I/O even earlier).
+    take a job (`service.api.middleware.RequestEdge` answers the cases known without I/O even earlier).
 
     One dependency, not one per check: FastAPI resolves each dependency of a route on every
     request, and the four these checks were spread over cost 0.13 ms of the event loop's CPU per

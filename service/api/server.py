@@ -16,7 +16,7 @@ When the app answers before reading the body (a 401, a 429 decided up front), uv
 connection and reads the rest of the body past; closing at once instead would make the kernel reset
 the connection over the unread bytes, and the client could lose the answer already sent. But a
 client that never finishes that body would keep the connection forever, so it gets BODY_TIMEOUT_S
-to do so. Bodies the app does read are timed in the app (`service.api.middleware.RequestBody`),
+to do so. Bodies the app does read are timed in the app (`service.api.middleware.BodyLimits`),
 where the answer can be an ordinary error response.
 
 `pae-serve` selects this protocol with `uvicorn.run(http=PROTOCOL)`; the timeouts come from the
