@@ -6,8 +6,8 @@ the encoder takes 5.6–5.7 ms of CPU per image at batch 1 and 5.9 ms at batch 1
 1.4 ms at both), so at low concurrency the queue only adds its cost: two Redis hops, a second
 process and about 2 ms per request (Server-Timing), which left the service at 0.58–0.77× a plain
 single-process server at concurrency 1 (0.94–0.97× with the lane, same JSON). A replica with a free
-slot now runs the job on a thread of its own (ONNX Runtime releases the GIL) while it is lightly
-loaded: fewer of its requests of that task running than the lane has slots, and none of them queued
+slot now runs the job itself, on one of its lane's threads (ONNX Runtime releases the GIL), while
+fewer of its requests of that task are running than the lane has slots and none of them is queued
 (`service.api.jobs.open_lane`). Otherwise requests queue as before and the workers batch them: no
 request overtakes one queued before it, and under load the traffic is the workers' batches. Queue
 bounds and admission still apply: a full queue is a 429 whether or not a slot is free.
@@ -43,13 +43,16 @@ SMALL_GRAPHS_BYTES = 256 * 1024 * 1024
 """`default_slots` turns the lane on only when encoder + decoder fit in this: a second copy of a
 full-size encoder (DINOv2-L: over 1 GB) in the API process costs memory and buys nothing, since
 its seconds of compute dwarf a Redis hop."""
-SLOTS_PER_CORE = 8
-"""`default_slots` gives each usable core this many slots: a request's Python (HTTP, JSON, PNG) and its
-graph call alternate, so one slot per core leaves cores idle between calls (with 1 per core the
-service fell further behind the plain server at concurrency 8 than with 4: encode 0.79× against
-0.97×). 8 per core keeps concurrency 16 in the lane on 2 cores; measured against 4 per core there,
-it makes no difference (encode 253/260 and 258/249 req/s, decode 530/531 and 533/526; `python -m
-benchmarks.peers.ab --config DIRECT_SLOTS=8 --config DIRECT_SLOTS=16 --plain` →
+SLOTS_PER_CORE = 16
+"""`default_slots` gives each usable core this many slots. A slot is a request the lane has taken,
+computing or waiting in this process for one of the lane's threads (`DirectLane`); past the slots,
+requests queue in Redis for the workers. Waiting here costs less than the queue (no Redis round
+trips, no second process), so the slots cover the concurrency a replica commonly sees: 16 per core
+keeps concurrency 32 in the lane on 2 cores. There, against the plain server in the same run, 16
+per core did 1.01x its encode and 1.24x its decode requests per second, 8 per core (the lane's 16
+slots, the queue beyond them) 0.98x and 1.16x; at concurrency 8 and 16, where both stay in the
+lane, they are equal (`python -m benchmarks.peers.ab --config DIRECT_SLOTS=32 --config
+DIRECT_SLOTS=16 --plain --endpoints encode,decode --concurrency 1,8,16,32` →
 benchmarks/results/peers_ab.json)."""
 
 
@@ -65,9 +68,15 @@ def default_slots(version_dir: Path, cores: int, concurrent_runs: bool = True) -
 
 
 class DirectLane:
-    """Up to `slots` jobs computed at once in this process, each on its own thread."""
+    """Up to `slots` jobs taken at once, their graph calls run `threads` at a time, in arrival order.
 
-    def __init__(self, runtime: Runtime, slots: int) -> None:
+    Why not a thread per slot: graph calls beyond the cores' count only take turns on them, and each
+    turn evicts the other calls' activations from the caches. With a thread per slot the encoder
+    took about 5.9 ms of CPU per image at concurrency 32 against 5.6 ms alone; `threads` is what
+    `Settings.batch_threads` gives a worker, as many single-threaded runs as there are usable cores.
+    """
+
+    def __init__(self, runtime: Runtime, slots: int, threads: int = 1) -> None:
         if slots < 1:
             raise ValueError(f"a direct lane needs at least one slot, got {slots}")
         self.runtime = runtime
@@ -75,7 +84,7 @@ class DirectLane:
         self.busy = 0
         # Daemon threads: a request in flight at shutdown is finished first by uvicorn's graceful
         # shutdown, so there is nothing to close.
-        self._threads = HotThreads(slots, "pae-direct")
+        self._threads = HotThreads(max(1, min(threads, slots)), "pae-direct")
 
     def free(self, task: str) -> bool:
         """Whether a one-job request for `task` would be computed here now."""

@@ -61,7 +61,7 @@ class AppState:
         if settings.direct_slots:
             runtime = load_runtime(settings, version_dir)
             runtime.warmup({task: settings.direct_slots for task in DIRECT_TASKS})
-            state.lane = DirectLane(runtime, settings.direct_slots)
+            state.lane = DirectLane(runtime, settings.direct_slots, settings.batch_threads)
         return state
 
     @classmethod

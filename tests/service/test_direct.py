@@ -42,8 +42,10 @@ class Gated:
     def __init__(self, runtime: OnnxRuntime, fail: bool = False) -> None:
         self.runtime, self.config, self.fail = runtime, runtime.config, fail
         self.started, self.release = threading.Event(), threading.Event()
+        self.calls = 0
 
     def encode(self, images: np.ndarray) -> np.ndarray:
+        self.calls += 1
         self.started.set()
         self.release.wait(10)
         if self.fail:
@@ -276,3 +278,28 @@ def test_a_busy_replica_keeps_to_the_queue(runtime: OnnxRuntime, tiny_repository
     state.running["decode"] = 1
     assert http.post("/v1/decode", json=body).status_code == 200
     assert [task for task, *_ in broker.submitted] == ["decode"]  # computed in the lane
+
+
+def test_jobs_beyond_the_threads_wait_in_the_lane_and_run_in_order(runtime: OnnxRuntime) -> None:
+    """Two slots, one thread: the second job is taken at once (its slot counted) and computed when
+    the first one's graph call ends."""
+    gated = Gated(runtime)
+    lane = DirectLane(gated, slots=2, threads=1)  # type: ignore[arg-type]
+
+    async def go() -> None:
+        first = lane.try_submit("encode", [image_payload(runtime, 0)], later())
+        second = lane.try_submit("encode", [image_payload(runtime, 1)], later())
+        assert first is not None and second is not None and lane.busy == 2 and not lane.free("decode")
+        waiting = asyncio.gather(first, second)
+        await asyncio.to_thread(gated.started.wait, 10)
+        assert gated.calls == 1
+        gated.release.set()
+        one, two = await waiting
+        assert gated.calls == 2 and lane.busy == 0
+        size = runtime.config.image_size
+        images = np.stack([np.frombuffer(image_payload(runtime, s)["data"], np.uint8) for s in (0, 1)])
+        expected = runtime.encode(images.reshape(-1, 3, size, size).astype(np.float32) / 255)
+        got = [np.frombuffer(r.data, r.dtype).reshape(r.shape) for r in (*one, *two)]
+        assert np.array_equal(np.stack(got), expected)
+
+    asyncio.run(go())
