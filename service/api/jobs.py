@@ -145,7 +145,9 @@ class InferenceRoute(APIRoute):
     route stays FastAPI's in every other respect: its path, methods, OpenAPI operation and security
     scheme, the exception handlers its errors go through. Only the call is direct, which is why the
     route checks when it is built that its endpoint is `(request, call)`, with `call` from
-    `admitted(task)` and that dependency's only input the bearer credentials.
+    `admitted(task)` and that dependency's only input the bearer credentials; and why
+    `app.dependency_overrides` does not reach these two dependencies (nothing here overrides them:
+    tests run the real checks against a real or stand-in broker).
     """
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
