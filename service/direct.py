@@ -36,8 +36,9 @@ from service.broker_protocol import Job, Reply, now_ms
 from service.errors import DeadlineExceeded, JobFailed
 from service.hot_threads import HotThreads
 from service.runtimes.base import Runtime
+from service.settings import GRAPH_TASKS
 
-TASKS = ("encode", "decode")
+TASKS = GRAPH_TASKS
 """The tasks the lane takes: one graph call each."""
 SMALL_GRAPHS_BYTES = 256 * 1024 * 1024
 """`default_slots` turns the lane on only when encoder + decoder fit in this: a second copy of a

@@ -21,8 +21,10 @@ ORT_PROVIDERS: tuple[str, ...] = ("cpu", "cuda", "tensorrt")
 
 _DEFAULT_MAX_BATCH = {"encode": 16, "decode": 16, "generate": 8}
 _DEFAULT_MAX_WAIT_MS = {"encode": 5, "decode": 5, "generate": 10}
-GRAPH_BATCH_TASKS: tuple[str, ...] = ("encode", "decode")
-"""Tasks whose graph calls run a batch in chunks (`service.graph_batch`; 0, the default, measures)."""
+GRAPH_TASKS: tuple[str, ...] = ("encode", "decode")
+"""Tasks that are one graph call per image: a worker runs their batches in chunks
+(`service.graph_batch`; GRAPH_BATCH_SIZE_<TASK>, 0 measures) and the direct lane takes them
+(`service.direct`)."""
 
 
 def usable_cores() -> int:
@@ -198,7 +200,7 @@ class Settings:
             for task in TASKS
         }
         graph_batch = {
-            task: _int(env, f"GRAPH_BATCH_SIZE_{task.upper()}", 0, 0, 1024) for task in GRAPH_BATCH_TASKS
+            task: _int(env, f"GRAPH_BATCH_SIZE_{task.upper()}", 0, 0, 1024) for task in GRAPH_TASKS
         }
         redis_url = _optional(env, "REDIS_URL")
         if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):

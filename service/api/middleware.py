@@ -108,13 +108,14 @@ class RequestEdge:
         if inflight is not None:
             inflight.inc()
         try:
+            headers = dict(scope["headers"])
             task = self.tasks.get(path) if scope["method"] == "POST" else None
-            why = self._refusal(scope, task) if task is not None else None
+            why = self._refusal(scope, task, headers) if task is not None else None
             if why is not None:
                 metrics.child(metrics.REJECTED, task, "queue_full").inc()
                 await _send_json(answer, 429, why, [(b"retry-after", b"1")])
                 return
-            guarded = self.limits.guard(scope, receive)
+            guarded = self.limits.guard(headers, receive)
             if isinstance(guarded, str):
                 await _send_json(answer, 413, guarded, [(b"connection", b"close")])
                 return
@@ -130,10 +131,10 @@ class RequestEdge:
                 )
 
     @staticmethod
-    def _refusal(scope: Scope, task: str) -> str | None:
+    def _refusal(scope: Scope, task: str, headers: dict[bytes, bytes]) -> str | None:
         """Why `task` takes nothing now, for a request that carries the API key (when one is set)."""
         state = state_of(scope["app"])
-        authorization = next((v for k, v in scope["headers"] if k == b"authorization"), None)
+        authorization = headers.get(b"authorization")
         if not has_key(state.settings, authorization.decode("latin-1") if authorization else None):
             return None
         return refusal(state, task)
@@ -154,10 +155,10 @@ class BodyLimits:
         self.idle_timeout_s = idle_timeout_s
         self.total_timeout_s = total_timeout_s
 
-    def guard(self, scope: Scope, receive: Receive) -> Receive | str:
-        """`receive` with the limits applied, or why the declared body is refused (a 413)."""
+    def guard(self, headers: dict[bytes, bytes], receive: Receive) -> Receive | str:
+        """`receive` with the limits applied, or why the declared body is refused (a 413);
+        `headers` are the request's, as a dict."""
         limit, idle = self.max_bytes, self.idle_timeout_s
-        headers = dict(scope["headers"])
         declared = headers.get(b"content-length")
         if declared is not None:
             size = int(declared) if declared.isdigit() else -1
