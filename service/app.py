@@ -84,6 +84,6 @@ def build_app(state: AppState) -> FastAPI:
     routes = [route for router in ROUTERS for route in router.routes]
     settings = state.settings
     limits = BodyLimits(settings.max_body_bytes, settings.body_timeout_s, settings.request_timeout_s)
-    app.add_middleware(RequestEdge, routes=routes, limits=limits)
+    app.add_middleware(RequestEdge, routes=routes, limits=limits, handlers=app.exception_handlers)
     openapi.install(app, state)
     return app

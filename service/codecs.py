@@ -138,7 +138,7 @@ def finish_image(img: Image.Image, size: int) -> np.ndarray:
     """Decompress an image `open_image` accepted, then orient, convert and resize it."""
     try:
         img.load()
-        img = ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when it needs no turn
         rgb = _to_rgb(img)
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise BadInput(f"image data is corrupt or truncated ({img.format}): {_clean(exc)}") from None
@@ -154,7 +154,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         return Image.alpha_composite(black, rgba).convert("RGB")
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def _resize_centre_crop(img: Image.Image, size: int) -> np.ndarray:
@@ -163,8 +163,9 @@ def _resize_centre_crop(img: Image.Image, size: int) -> np.ndarray:
     new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
     if (new_w, new_h) != (width, height):
         img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    img = img.crop((left, top, left + size, top + size))
+    if (new_w, new_h) != (size, size):
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+        img = img.crop((left, top, left + size, top + size))
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
 
 
@@ -209,10 +210,13 @@ def check_on_sphere(latents: np.ndarray) -> None:
 
     A decoding rule, not a format rule: the .npy and JSON formats hold any finite float32.
     """
-    rms = np.sqrt(np.mean(np.square(latents, dtype=np.float64), axis=1))
+    # Mean squares against squared bounds, in float32: a square past float32's range is inf, which
+    # is off the sphere as it should be, and the bounds are far apart next to float32's precision.
+    mean_square = np.einsum("bd...,bd...->b...", latents, latents) / latents.shape[1]
     low, high = LATENT_RMS_RANGE
-    off = int(np.count_nonzero((rms < low) | (rms > high)))
+    off = int(np.count_nonzero((mean_square < low * low) | (mean_square > high * high)))
     if off:
+        rms = np.sqrt(np.mean(np.square(latents, dtype=np.float64), axis=1))  # exact, for the message
         raise BadInput(
             f"{off} latent token(s) lie far off the sphere: each token's RMS over its {latents.shape[1]} "
             f"channels must be within [{low:g}, {high:g}] (encode gives 1), found {rms.min():.3g} to "

@@ -9,12 +9,13 @@ goes away mid-upload) into responses, with the headers a client needs to react: 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from service.errors import ClientGone, PayloadTooLarge, QueueFull, RequestTimeout, ServiceError, Unavailable
@@ -76,6 +77,17 @@ async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
     """
     log.exception("unhandled error", exc_info=exc)
     return error_response(500, "internal error; see the server log", {"Connection": "close"})
+
+
+def handler_for(handlers: Mapping[Any, Callable[..., Any]], exc: Exception) -> Callable[..., Any] | None:
+    """The handler among an app's exception `handlers` that Starlette's exception middleware would
+    give `exc`: an HTTPException's status first, then the nearest of its classes. None for what only
+    the outermost error middleware answers (`Exception` and 500 handlers live there)."""
+    if isinstance(exc, HTTPException) and exc.status_code != 500 and exc.status_code in handlers:
+        return handlers[exc.status_code]
+    return next(
+        (handlers[cls] for cls in type(exc).__mro__ if cls in handlers and cls is not Exception), None
+    )
 
 
 HANDLERS: dict[type[Exception], Callable[[Request, Any], Coroutine[Any, Any, Response]]] = {

@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from typing import Annotated, Any
 
 import numpy as np
+import pydantic_core
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
@@ -106,7 +107,7 @@ async def encode(request: Request, call: EncodeCall) -> Response:
     if answer == NPY:
         return Response(codecs.latents_to_npy(latents), media_type=NPY, headers=headers)
     body = {**codecs.latents_to_json(latents), "model": state.config.name, "version": state.config.version}
-    return JSONResponse(body, headers=headers)
+    return Response(pydantic_core.to_json(body), media_type=JSON, headers=headers)
 
 
 @router.post(
@@ -264,4 +265,4 @@ def png_response(
     body = ImagesResponse(
         images=images, model=state.config.name, version=state.config.version, **(extra or {})
     )
-    return JSONResponse(body.model_dump(exclude_none=True), headers=headers)
+    return Response(body.model_dump_json(exclude_none=True), media_type=JSON, headers=headers)

@@ -1,5 +1,6 @@
 """The API's one ASGI middleware (`RequestEdge`): Server-Timing, request metrics per endpoint, the
-early refusal of requests to a full queue, and the request body's size and time limits."""
+early refusal of requests to a full queue, the request body's size and time limits, and the
+inference routes' dispatch."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from fastapi.routing import APIRoute
@@ -16,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics, timing
 from service.api.auth import has_key
-from service.api.jobs import refusal
+from service.api.jobs import InferenceRoute, refusal
 from service.api.state import state_of
 from service.errors import PayloadTooLarge, RequestTimeout
 
@@ -66,7 +67,10 @@ class RequestEdge:
       what `service.api.jobs.refusal` already knows: no Redis round trip, no routing, no body) keeps
       each refusal near the cost of parsing its headers. Requests without the API key (when one is
       set) pass, to get their 401; everything else the route decides (`service.api.jobs.admitted`);
-    - the body's limits (`BodyLimits`): 413 over MAX_BODY_BYTES, 408 for a stalled body.
+    - the body's limits (`BodyLimits`): 413 over MAX_BODY_BYTES, 408 for a stalled body;
+    - dispatch: a POST to an inference route's path goes straight to that route
+      (`service.api.jobs.InferenceRoute.edge_app`, errors to the app's exception `handlers`);
+      everything else (other paths, other methods: their 405) goes through FastAPI's router.
 
     One layer, not one middleware each: every ASGI middleware adds a coroutine and a wrapped send
     or receive to each request, and the four this replaces cost 0.06–0.1 ms of the event loop per
@@ -76,7 +80,13 @@ class RequestEdge:
     the old stack's: the metrics and Server-Timing see the early 429 and the 413 too.
     """
 
-    def __init__(self, app: ASGIApp, routes: Sequence[BaseRoute], limits: BodyLimits) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        routes: Sequence[BaseRoute],
+        limits: BodyLimits,
+        handlers: Mapping[Any, Callable[..., Any]],
+    ) -> None:
         self.app = app
         self.label_of = endpoint_labels(routes)
         self.tasks = {
@@ -87,6 +97,11 @@ class RequestEdge:
             and (label := getattr(route.endpoint, _LABEL, None))
         }
         self.limits = limits
+        self.direct = {
+            route.path: route.edge_app(handlers)
+            for route in routes
+            if isinstance(route, InferenceRoute) and route.methods == {"POST"}
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -119,7 +134,8 @@ class RequestEdge:
             if isinstance(guarded, str):
                 await _send_json(answer, 413, guarded, [(b"connection", b"close")])
                 return
-            await self.app(scope, guarded, answer)
+            direct = self.direct.get(path) if scope["method"] == "POST" else None
+            await (direct or self.app)(scope, guarded, answer)
         finally:
             timing.stop(token)
             if inflight is not None:
