@@ -6,7 +6,8 @@ summed into the stages of a request.
 Samples are taken with `--gil`, so they count the time a thread held the GIL, which is the Python
 work that one process can do on one core; ONNX Runtime releases the GIL and shows in the CPU
 figures instead. Each sample goes to the stage of its innermost frame that names one (a handler runs
-inside the framework's frames, which run inside uvicorn's, so the frame nearest the sample decides).
+inside the framework's frames, which run inside uvicorn's, so the frame nearest the sample decides);
+a frame that several stages name goes to the first of them in `STAGES`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("worker: read / screen / answer", ("service/worker.py", "service/broker_worker.py")),
     ("peer handler (decode, run, encode)", ("benchmarks/peers/graphs.py", "benchmarks/peers/ray_peer.py")),
     ("metrics and body-limit middleware", ("prometheus_client", "service/api/middleware.py")),
+    (
+        "service handlers (checks, lane, answer)",
+        ("service/api/", "service/codecs.py", "service/direct.py", "service/hot_threads.py"),
+    ),
     ("server timing", ("service/timing.py",)),
     ("framework (routing, middleware, dependencies)", ("fastapi/", "starlette/", "pydantic", "anyio/")),
     ("http parse / write (uvicorn)", ("uvicorn/",)),

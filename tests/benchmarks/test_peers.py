@@ -83,12 +83,16 @@ def test_profile_samples_go_to_the_innermost_named_stage() -> None:
         "main (uvicorn/main.py:1);run_asgi (uvicorn/protocols/http/httptools_impl.py:2);"
         "app (starlette/routing.py:3) 1",
         "_run_once (asyncio/base_events.py:9) 1",
+        "__call__ (service/api/middleware.py:6);app (service/api/jobs.py:7);decode (service/api/inference.py:4) 2",
+        "__call__ (service/api/middleware.py:6);observe (prometheus_client/metrics.py:8) 1",
     ]
     assert summarise(lines) == {
-        "png / json encode": 60.0,
-        "framework (routing, middleware, dependencies)": 20.0,
-        "event loop, other": 20.0,
-        "samples": 5,
+        "png / json encode": 37.5,
+        "service handlers (checks, lane, answer)": 25.0,
+        "framework (routing, middleware, dependencies)": 12.5,
+        "event loop, other": 12.5,
+        "metrics and body-limit middleware": 12.5,
+        "samples": 8,
     }
 
 
