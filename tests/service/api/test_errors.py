@@ -45,14 +45,15 @@ class Teapot(Exception):
     """An error type the app learns to answer after it is built."""
 
 
-def test_an_inference_route_errors_go_to_the_handlers_the_app_has_when_they_happen(
+def test_the_edge_dispatches_an_inference_route_whose_errors_go_to_the_handlers_the_app_has_then(
     state: AppState, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def brewing(*_args: object) -> None:
         raise Teapot("short and stout")
 
-    async def teapot(_request: Request, exc: Teapot) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=418)
+    async def teapot(request: Request, exc: Teapot) -> JSONResponse:
+        # Starlette's router marks the scopes it routes; the request edge hands these on itself.
+        return JSONResponse({"detail": str(exc), "routed": "router" in request.scope}, status_code=418)
 
     monkeypatch.setattr(state.broker, "admit", brewing)
     app = build_app(state)
@@ -60,7 +61,7 @@ def test_an_inference_route_errors_go_to_the_handlers_the_app_has_when_they_happ
     assert http.post("/v1/generate", json={"class_label": 0}).status_code == 500
     app.add_exception_handler(Teapot, teapot)
     response = http.post("/v1/generate", json={"class_label": 0})
-    assert response.status_code == 418 and response.json() == {"detail": "short and stout"}
+    assert response.status_code == 418 and response.json() == {"detail": "short and stout", "routed": False}
     assert "server-timing" in response.headers  # still answered through the request edge
 
 
