@@ -152,6 +152,11 @@ class InferenceRoute(APIRoute):
     tests run the real checks against a real or stand-in broker).
     """
 
+    @property
+    def task(self) -> str:
+        """The task whose admission this route checks (`admitted(task)`)."""
+        return _admission_of(self.path, self.dependant).task  # type: ignore[attr-defined]
+
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         endpoint, admit = self.endpoint, _admission_of(self.path, self.dependant)
 

@@ -89,16 +89,12 @@ class RequestEdge:
     ) -> None:
         self.app = app
         self.label_of = endpoint_labels(routes)
-        self.tasks = {
-            route.path: label
-            for route in routes
-            if isinstance(route, APIRoute)
-            and "POST" in route.methods
-            and (label := getattr(route.endpoint, _LABEL, None))
-        }
         self.limits = limits
-        self.direct = {
-            route.path: route.edge_app(handlers)
+        self.routed: tuple[str | None, ASGIApp] = (None, app)
+        """No task and FastAPI's router: any request but a POST to an inference path."""
+        # path → (task, the route's app), for the POSTs refused early and dispatched here.
+        self.inference = {
+            route.path: (route.task, route.edge_app(handlers))
             for route in routes
             if isinstance(route, InferenceRoute) and route.methods == {"POST"}
         }
@@ -124,7 +120,7 @@ class RequestEdge:
             inflight.inc()
         try:
             headers = dict(scope["headers"])
-            task = self.tasks.get(path) if scope["method"] == "POST" else None
+            task, route = self.inference.get(path, self.routed) if scope["method"] == "POST" else self.routed
             why = self._refusal(scope, task, headers) if task is not None else None
             if why is not None:
                 metrics.child(metrics.REJECTED, task, "queue_full").inc()
@@ -134,8 +130,7 @@ class RequestEdge:
             if isinstance(guarded, str):
                 await _send_json(answer, 413, guarded, [(b"connection", b"close")])
                 return
-            direct = self.direct.get(path) if scope["method"] == "POST" else None
-            await (direct or self.app)(scope, guarded, answer)
+            await route(scope, guarded, answer)
         finally:
             timing.stop(token)
             if inflight is not None:
