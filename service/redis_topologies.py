@@ -13,7 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from service.launcher import LOOPBACK, LaunchError, Started, find_binary
+from service.launcher import LOOPBACK, LaunchError, Started, find_binary, free_port, port_is_free
 from service.redis_server import RedisServer, info_field, redis_command
 
 
@@ -191,6 +191,20 @@ class SentinelGroup(Started):
             server.stop()
 
 
+CLUSTER_BUS_OFFSET = 10000
+"""A cluster node also listens on its port + 10000 (the cluster bus), so its port is at most 55535."""
+
+
+def cluster_port(tries: int = 100) -> int:
+    """A free loopback port whose cluster-bus port is valid and free as well. The kernel's free
+    ports run to 60999 here, so a plain free port failed the node's start about one time in five."""
+    for _ in range(tries):
+        port = free_port()
+        if port + CLUSTER_BUS_OFFSET <= 65535 and port_is_free(port + CLUSTER_BUS_OFFSET):
+            return port
+    raise LaunchError(f"no free port with a free cluster-bus port (+{CLUSTER_BUS_OFFSET}) in {tries} tries")
+
+
 class LocalCluster(Started):
     """A Redis Cluster of `primaries` primaries (no replicas) on 127.0.0.1, slots spread evenly by
     `redis-cli --cluster create`."""
@@ -210,6 +224,8 @@ class LocalCluster(Started):
 
     def start(self, timeout_s: float = 60.0) -> None:
         for node in self.nodes:
+            if node.port is None:
+                node.port = cluster_port()
             node.start()
         cli = find_binary("redis-cli", "Debian's redis-tools (installed with redis-server)")
         hosts = [f"{LOOPBACK}:{port}" for port in self.ports]
