@@ -1,7 +1,8 @@
 """Console entry points: `pae-serve` (the API, embedded Redis + worker by default) and `pae-worker`.
 
 Heavy imports (FastAPI app, metrics, runtimes) happen inside the functions: `PROMETHEUS_MULTIPROC_DIR`
-must be set before prometheus_client creates any metric when several uvicorn workers run.
+must be set before prometheus_client creates any metric when several processes (API processes, the
+embedded worker) share one metrics view.
 """
 
 from __future__ import annotations
@@ -66,16 +67,44 @@ def ensure_default_model(settings: Settings) -> None:
         sys.exit(f"exporting the default model failed ({' '.join(command)} exited {result.returncode})")
 
 
-def embedded_direct_slots(settings: Settings, replicas: int) -> int:
-    """DIRECT_SLOTS when `pae-serve` runs everything on one machine (`service.direct.default_slots`
-    over the usable cores shared by the API replicas)."""
+def _lane_slots(settings: Settings, cores: int) -> int:
     from export.repository import resolve_version_dir
     from service.direct import default_slots
 
     version_dir = resolve_version_dir(settings.model_repository, settings.model_name, settings.model_version)
-    slots = default_slots(version_dir, max(1, usable_cores() // replicas), settings.runs_concurrently)
+    return default_slots(version_dir, cores, settings.runs_concurrently)
+
+
+def embedded_direct_slots(settings: Settings, replicas: int) -> int:
+    """DIRECT_SLOTS when `pae-serve` runs everything on one machine (`service.direct.default_slots`
+    over the usable cores shared by the API replicas)."""
+    slots = _lane_slots(settings, max(1, usable_cores() // replicas))
     log.info("direct lane: %d slot(s) per API replica (DIRECT_SLOTS; service/direct.py)", slots)
     return slots
+
+
+def api_processes(requested: str, settings: Settings) -> int:
+    """`--workers`: a number, or `auto`: one API process per usable core when the API computes
+    encode and decode itself (embedded Redis and the direct lane on: each process then has a core
+    for its event loop and lane), else one (the API only validates and enqueues; scale it by
+    replicas, as the Kubernetes deployment does)."""
+    if requested != "auto":
+        count = int(requested) if requested.isdigit() else 0
+        if count < 1:
+            raise SettingsError(f"--workers must be a positive number or auto, got {requested!r}")
+        return count
+    if settings.redis_configured:
+        return 1
+    lane = settings.direct_slots if "DIRECT_SLOTS" in os.environ else _lane_slots(settings, usable_cores())
+    return usable_cores() if lane > 0 else 1
+
+
+def lane_threads_env(settings: Settings, processes: int) -> dict[str, str]:
+    """COMPUTE_THREADS for API processes that share the cores: each lane gets its share, as each
+    gets its share of the slots (the embedded worker keeps the whole machine's)."""
+    if processes < 2 or not settings.runs_concurrently or "COMPUTE_THREADS" in os.environ:
+        return {}
+    return {"COMPUTE_THREADS": str(max(1, settings.batch_threads // processes))}
 
 
 def serve_main(argv: Sequence[str] | None = None) -> None:
@@ -84,26 +113,32 @@ def serve_main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pae-serve", description=serve_main.__doc__)
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
-    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (API replicas)")
+    parser.add_argument(
+        "--workers",
+        default=os.environ.get("API_WORKERS", "auto"),
+        help="API processes behind the port (API_WORKERS): a number, or auto (see api_processes)",
+    )
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
-    if args.workers < 1:
-        parser.error("--workers must be >= 1")
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     settings = _settings()
     ensure_default_model(settings)
+    try:
+        processes = api_processes(args.workers, settings)
+    except SettingsError as exc:
+        parser.error(str(exc))
 
     multiproc_dir = None
     # Several API processes, or the API and its embedded worker process, share one metrics view.
-    several = args.workers > 1 or not settings.redis_configured
+    several = processes > 1 or not settings.redis_configured
     if several and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         multiproc_dir = tempfile.mkdtemp(prefix="pae-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
     # Only now: service.direct imports the metrics, which must see PROMETHEUS_MULTIPROC_DIR first.
     if not settings.redis_configured and "DIRECT_SLOTS" not in os.environ:
-        os.environ["DIRECT_SLOTS"] = str(embedded_direct_slots(settings, args.workers))
+        os.environ["DIRECT_SLOTS"] = str(embedded_direct_slots(settings, processes))
 
     import uvicorn
 
@@ -111,12 +146,14 @@ def serve_main(argv: Sequence[str] | None = None) -> None:
     from service.embedded import WorkerProcess
     from service.launcher import LaunchError
     from service.redis_server import RedisServer
+    from service.replicas import ReplicaSet
 
     # uvicorn re-raises the SIGTERM it handled once it has shut down; turning that into SystemExit
     # lets the `finally` below stop the embedded worker and redis-server instead of orphaning them.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     embedded: RedisServer | None = None
     worker: WorkerProcess | None = None
+    replicas: ReplicaSet | None = None
     try:
         if not settings.redis_configured:
             try:
@@ -131,16 +168,25 @@ def serve_main(argv: Sequence[str] | None = None) -> None:
             except LaunchError as exc:
                 sys.exit(f"pae-serve: the embedded worker did not start: {exc}")
             log.info("embedded mode: redis at %s, worker process %d", url, pid)
-        uvicorn.run(
-            "service.app:create_app",
-            factory=True,
-            http=PROTOCOL,
-            host=args.host,
-            port=args.port,
-            workers=args.workers,
-            log_level=args.log_level,
-        )
+        if processes > 1:
+            replicas = ReplicaSet(processes, args.host, args.port, args.log_level)
+            try:
+                replicas.bind()
+            except OSError as exc:
+                sys.exit(f"pae-serve: cannot listen on {args.host}:{args.port}: {exc}")
+            replicas.serve(lane_threads_env(settings, processes))
+        else:
+            uvicorn.run(
+                "service.app:create_app",
+                factory=True,
+                http=PROTOCOL,
+                host=args.host,
+                port=args.port,
+                log_level=args.log_level,
+            )
     finally:
+        if replicas is not None:
+            replicas.stop()
         if worker is not None:
             worker.stop()
         if embedded is not None:

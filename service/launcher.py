@@ -34,7 +34,11 @@ from typing import Any, Self
 
 LOOPBACK = "127.0.0.1"
 # Console scripts of this package and the function each runs, for interpreters without them installed.
-ENTRY_POINTS = {"pae-serve": "service.cli:serve_main", "pae-worker": "service.cli:worker_main"}
+ENTRY_POINTS = {
+    "pae-serve": "service.cli:serve_main",
+    "pae-worker": "service.cli:worker_main",
+    "pae-api-process": "service.api.handoff:main",
+}
 
 
 class Started:
