@@ -131,6 +131,7 @@ class ReplicaSet:
                 return
             except OSError as exc:  # EMFILE and the like: the connection stays in the backlog
                 log.warning("accepting a connection failed: %s", exc)
+                time.sleep(POLL_S)  # instead of spinning on a listener that stays readable
                 return
             with conn:
                 self._hand(conn)

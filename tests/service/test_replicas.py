@@ -125,6 +125,31 @@ def test_a_process_is_handed_connections_only_once_it_says_it_is_ready() -> None
     replicas.stop()
 
 
+def test_a_dead_process_is_restarted_later_the_more_often_it_dies_early() -> None:
+    replicas = ReplicaSet(1, LOOPBACK, 0)
+    replica = replicas.replicas[0]
+    replica.proc = subprocess.Popen(["true"])
+    replica.proc.wait()
+    with pytest.raises(SystemExit, match="API process 0 exited"):
+        replicas._exited(replica, time.monotonic())  # never served: pae-serve gives up, as uvicorn does
+    replicas._ever_ready = True
+    delays = []
+    for _ in range(4):
+        replica.proc = subprocess.Popen(["true"])
+        replica.proc.wait()
+        now = replica.started_at = time.monotonic()
+        replicas._exited(replica, now + 1)  # died a second after it started
+        assert replica.proc is None
+        delays.append(round(replica.restart_at - now - 1, 3))
+    assert delays == [0.5, 1.0, 2.0, 4.0]
+    replica.proc = subprocess.Popen(["true"])
+    replica.proc.wait()
+    replica.started_at = time.monotonic() - 600  # ran ten minutes: back to the first delay
+    replicas._exited(replica, time.monotonic())
+    assert round(replica.restart_at - time.monotonic(), 1) == 0.5
+    replicas.stop()
+
+
 # ---------------------------------------------------------------- real processes
 
 
