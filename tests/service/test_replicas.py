@@ -19,7 +19,15 @@ import pytest
 import redis
 
 from service.cli import api_processes, lane_threads_env
-from service.launcher import LOOPBACK, free_port, signal_process, start_api, stop_process, wait_until_ready
+from service.launcher import (
+    LOOPBACK,
+    Proc,
+    free_port,
+    signal_process,
+    start_api,
+    stop_process,
+    wait_until_ready,
+)
 from service.replicas import READY, Replica, ReplicaSet
 from service.settings import Settings, SettingsError, usable_cores
 from tests.service.payloads import image_bytes
@@ -186,16 +194,26 @@ def _serving_pid(conn: http.client.HTTPConnection, server_port: int, pids: set[i
     raise AssertionError(f"no API process holds socket {inode}")
 
 
-def test_connections_spread_evenly_a_dead_process_is_replaced_and_stop_drains(
-    tiny_repository: Path, tmp_path: Path
-) -> None:
+def _two_api_processes(repository: Path, tmp_path: Path) -> tuple[Proc, int, Path, set[int]]:
+    """`pae-serve --workers 2` in its embedded default, both API processes ready: (the pae-serve
+    process, its port, its log, the API processes' pids)."""
     port = free_port()
     log = tmp_path / "api.log"
-    env = embedded_env(tiny_repository)
+    env = embedded_env(repository)
     proc = start_api("api", port, ["--workers", "2"], log=log, base_env=env, cwd=ROOT, lifetime_s=300)
     try:
         wait_until_ready([proc], timeout_s=90)
-        pids = set(_ready_pids(log, 2).values())
+        return proc, port, log, set(_ready_pids(log, 2).values())
+    except BaseException:
+        stop_process(proc, grace_s=10)
+        raise
+
+
+def test_connections_spread_evenly_a_dead_process_is_replaced_and_stop_drains(
+    tiny_repository: Path, tmp_path: Path
+) -> None:
+    proc, port, log, pids = _two_api_processes(tiny_repository, tmp_path)
+    try:
         conns = [http.client.HTTPConnection(LOOPBACK, port, timeout=30) for _ in range(4)]
         for conn in conns:
             conn.request("GET", "/readyz")
@@ -235,13 +253,8 @@ def test_connections_spread_evenly_a_dead_process_is_replaced_and_stop_drains(
 
 
 def test_the_api_processes_stop_when_pae_serve_is_killed(tiny_repository: Path, tmp_path: Path) -> None:
-    port = free_port()
-    log = tmp_path / "api.log"
-    env = embedded_env(tiny_repository)
-    proc = start_api("api", port, ["--workers", "2"], log=log, base_env=env, cwd=ROOT, lifetime_s=300)
+    proc, _, log, pids = _two_api_processes(tiny_repository, tmp_path)
     try:
-        wait_until_ready([proc], timeout_s=90)
-        pids = set(_ready_pids(log, 2).values())
         os.kill(proc.program_pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
         while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
