@@ -169,12 +169,14 @@ def serve_main(argv: Sequence[str] | None = None) -> None:
                 sys.exit(f"pae-serve: the embedded worker did not start: {exc}")
             log.info("embedded mode: redis at %s, worker process %d", url, pid)
         if processes > 1:
-            replicas = ReplicaSet(processes, args.host, args.port, args.log_level)
+            replicas = ReplicaSet(
+                processes, args.host, args.port, args.log_level, env=lane_threads_env(settings, processes)
+            )
             try:
                 replicas.bind()
             except OSError as exc:
                 sys.exit(f"pae-serve: cannot listen on {args.host}:{args.port}: {exc}")
-            replicas.serve(lane_threads_env(settings, processes))
+            replicas.serve()
         else:
             uvicorn.run(
                 "service.app:create_app",

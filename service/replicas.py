@@ -38,7 +38,10 @@ log = logging.getLogger("service")
 
 READY = b"R"
 """What an API process writes on its channel once it can serve."""
-MAX_FDS_PER_READ = 64
+ACCEPTS_PER_WAKE = 64
+"""Connections accepted in one go before the supervisor looks at its processes again."""
+FDS_PER_MESSAGE = 1
+"""Each message on a channel carries one connection."""
 RESTART_DELAY_S = (0.5, 30.0)
 """A process that dies is started again after the first delay, doubled for each early death in a row
 up to the second; one that ran EARLY_DEATH_S or more starts over at the first."""
@@ -68,8 +71,15 @@ class ReplicaSet:
     """
 
     def __init__(
-        self, count: int, host: str, port: int, log_level: str = "info", backlog: int = 2048
+        self,
+        count: int,
+        host: str,
+        port: int,
+        log_level: str = "info",
+        backlog: int = 2048,
+        env: dict[str, str] | None = None,
     ) -> None:
+        """`env`: variables over this process's environment for the API processes."""
         if count < 1:
             raise ValueError(f"an API needs at least one process, got {count}")
         self.host, self.port, self.log_level, self.backlog = host, port, log_level, backlog
@@ -78,7 +88,7 @@ class ReplicaSet:
         self._selector = selectors.DefaultSelector()
         self._next = 0
         self._ever_ready = False
-        self.env: dict[str, str] = dict(os.environ)
+        self.env = {**os.environ, **(env or {})}
 
     def bind(self) -> socket.socket:
         """The listening socket, bound before any process starts so a busy port fails at once."""
@@ -91,10 +101,8 @@ class ReplicaSet:
         self.listener = sock
         return sock
 
-    def serve(self, env: dict[str, str] | None = None) -> None:
-        """Start the processes (with `env` over this process's environment) and hand them
-        connections until a signal ends this process."""
-        self.env = {**os.environ, **(env or {})}
+    def serve(self) -> None:
+        """Start the processes and hand them connections until a signal ends this process."""
         if self.listener is None:
             self.bind()
         for replica in self.replicas:
@@ -124,7 +132,7 @@ class ReplicaSet:
     # ---------------------------------------------------------------- connections
 
     def _accept(self) -> None:
-        for _ in range(MAX_FDS_PER_READ):
+        for _ in range(ACCEPTS_PER_WAKE):
             try:
                 conn, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import uvicorn
 
 from service.api.server import PROTOCOL
-from service.replicas import MAX_FDS_PER_READ, READY
+from service.replicas import FDS_PER_MESSAGE, READY
 
 log = logging.getLogger("service")
 
@@ -64,7 +64,7 @@ class HandedServer(uvicorn.Server):
         loop = asyncio.get_running_loop()
         while True:
             try:
-                message, fds, _, _ = socket.recv_fds(self.channel, 16, MAX_FDS_PER_READ)
+                message, fds, _, _ = socket.recv_fds(self.channel, 16, FDS_PER_MESSAGE)
             except BlockingIOError:
                 return
             except OSError as exc:
